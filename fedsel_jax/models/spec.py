@@ -1,0 +1,37 @@
+"""The contract every model of fedsel_jax fulfils."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import numpy as np
+
+from fedsel_jax.masks import LayerGroups
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A Flax module together with what federated training needs to know.
+
+  Attributes:
+    name: registry name (``config.model.name``).
+    module: ``module.apply({'params': p}, x, train=bool) -> f32[B, classes]``;
+      ``x`` is float32 images ``[B, H, W, C]`` / features ``[B, D]`` or int32
+      token ids ``[B, T]`` (0 = padding, attention masks derived from it).
+      Training randomness (dropout) uses the ``'dropout'`` rng.
+    groups: fixed / common / candidate parameter groups.
+    example_input: a small batch (numpy) of the input kind for ``init``.
+    load_pretrained: optional ``params -> params`` that overwrites the freshly
+      initialised params with pretrained weights (encoder only; the head
+      stays random). ``None`` when the model has no pretrained weights.
+  """
+
+  name: str
+  module: nn.Module
+  groups: LayerGroups
+  example_input: np.ndarray
+  load_pretrained: Callable[[PyTree], PyTree] | None = None
