@@ -26,6 +26,8 @@ class Dataset:
       (speaking role, domain, language); partitioners may use it.
     group_names: names of the natural groups, indexed by ``train_groups``.
     class_names: optional names of the classes.
+    pad_id: the padding id of token inputs (0 for BERT/MiniLM; 1 for XLM-R,
+      whose id 0 is ``<s>``); models derive attention masks as ``x != pad_id``.
   """
 
   name: str
@@ -37,6 +39,7 @@ class Dataset:
   train_groups: np.ndarray | None = None
   group_names: tuple[str, ...] | None = None
   class_names: tuple[str, ...] | None = None
+  pad_id: int = 0
 
   def __post_init__(self):
     for split in ("train", "test"):

