@@ -1,0 +1,283 @@
+"""The plain Python outer loop: set up, restore, run rounds, log, checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from fedsel_jax import client as client_lib
+from fedsel_jax import data as data_lib
+from fedsel_jax import datasets
+from fedsel_jax import federated
+from fedsel_jax import masks as masks_lib
+from fedsel_jax import models
+from fedsel_jax import selection
+from fedsel_jax.evaluate import make_eval_fn
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+COSTS = ("unit", "params", "flops")
+BUDGETS = ("fixed", "uniform", "truncnorm")
+
+
+class ConfigError(ValueError):
+  """A config field has a value outside its allowed set."""
+
+
+def _allowed(field: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field whose bad value could waste compute; raises ConfigError."""
+  _allowed("selection.strategy", config.selection.strategy, federated.STRATEGIES)
+  _allowed("model.name", config.model.name, models.MODELS)
+  _allowed("data.name", config.data.name, datasets.SOURCES)
+  _allowed("data.partition", config.data.partition, data_lib.PARTITIONS)
+  _allowed("client_optim.name", config.client_optim.name, OPTIMIZERS)
+  _allowed("server_optim.name", config.server_optim.name, OPTIMIZERS)
+  _allowed("selection.cost", config.selection.cost, COSTS)
+  _allowed("selection.budget.kind", config.selection.budget.kind, BUDGETS)
+  _allowed("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16"))
+  if config.data.partition == "dirichlet" and not config.data.alpha > 0:
+    raise ConfigError(f"data.alpha must be > 0, got {config.data.alpha}")
+  fl = config.fl
+  for field in ("num_rounds", "clients_per_round", "local_steps", "batch_size"):
+    if int(fl[field]) < 1:
+      raise ConfigError(f"fl.{field} must be >= 1, got {fl[field]}")
+  n = config.data.num_clients
+  if n and fl.clients_per_round > n:
+    raise ConfigError(f"fl.clients_per_round={fl.clients_per_round} exceeds "
+                      f"data.num_clients={n}")
+  lam = config.selection.lam
+  if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+    raise ConfigError(f"selection.lam must be a finite number >= 0, got {lam!r}")
+  if config.selection.sel_gap < 1:
+    raise ConfigError(f"selection.sel_gap must be >= 1, got {config.selection.sel_gap}")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, prefix: str) -> optax.GradientTransformation:
+  name = cfg.name
+  _allowed(f"{prefix}.name", name, OPTIMIZERS)
+  if name == "sgd":
+    return optax.sgd(cfg.lr)
+  if name == "momentum":
+    return optax.sgd(cfg.lr, momentum=cfg.get("momentum", 0.9))
+  if name == "adam":
+    return optax.adam(cfg.lr)
+  return optax.adamw(cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
+
+
+class Setup:
+  """Everything derived from a config before the first round (host side)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    self.config = config
+    datasets.check_available(config.data)
+    self.dataset = datasets.load_dataset(config.data)
+    ds = self.dataset
+    seed = config.seed
+    parts = data_lib.partition(ds, config.data.partition, config.data.num_clients, seed,
+                               alpha=config.data.alpha, min_size=config.data.min_client_size)
+    self.clients = data_lib.pad_clients(ds.train_x, ds.train_y, parts,
+                                        config.data.get("max_examples", 0), seed)
+    n = self.clients.num_clients
+    if config.fl.clients_per_round > n:
+      raise ConfigError(f"fl.clients_per_round={config.fl.clients_per_round} exceeds the "
+                        f"{n} clients of this partition (data.num_clients)")
+    self.test_x, self.test_y = ds.test_x, ds.test_y
+    max_test = config.data.get("max_test", 0)
+    if max_test and len(self.test_y) > max_test:
+      keep = np.sort(np.random.default_rng(seed).choice(len(self.test_y), max_test, False))
+      self.test_x, self.test_y = self.test_x[keep], self.test_y[keep]
+
+    self.spec = models.build_model(config.model, ds.num_classes, ds.train_x.shape[1:])
+    init_key = jax.random.fold_in(jax.random.key(seed), 0x1217)
+    params = jax.jit(lambda k, x: self.spec.module.init(k, x)["params"])(
+        init_key, self.spec.example_input)
+    if config.model.get("pretrained", "") and self.spec.load_pretrained is not None:
+      params = self.spec.load_pretrained(params)
+    self.params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
+    self.index = masks_lib.group_index(self.params, self.spec.groups)
+    self.k = self.spec.groups.num_candidates
+
+    sel = config.selection
+    b = sel.budget
+    self.budgets = selection.draw_budgets(b.kind, n, seed, value=b.value, low=b.low,
+                                          high=b.high, mean=b.mean, std=b.std)
+    sizes = masks_lib.group_sizes(self.params, self.index, self.k)
+    self.costs = selection.layer_costs(sel.cost, param_counts=sizes,
+                                       flops=2.0 * sizes.astype(np.float64))
+    if sel.cost == "unit" and b.kind == "fixed" and b.value > self.k:
+      raise ConfigError(f"selection.budget.value={b.value} exceeds the {self.k} candidate "
+                        f"layers of model {config.model.name!r}")
+    selection.check_budgets(self.budgets, self.costs)
+
+    self.client_opt = make_optimizer(config.client_optim, "client_optim")
+    self.server_opt = make_optimizer(config.server_optim, "server_optim")
+    fl = config.fl
+    self.settings = federated.RoundSettings(
+        strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
+        batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=fl.client_chunk,
+        backprop_cut=fl.backprop_cut, diagnostics=config.diagnostics,
+        solver_starts=sel.solver_starts)
+    loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
+    self.round_fn = jax.jit(federated.make_round_fn(
+        loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
+        self.settings), donate_argnums=0)
+    self.evaluate = make_eval_fn(self.spec.module.apply, config.eval_batch_size)
+
+  def initial_state(self) -> federated.ServerState:
+    return federated.init_server_state(self.params, self.server_opt,
+                                       self.clients.num_clients, self.k)
+
+  def round_data(self, round_idx: int) -> dict[str, np.ndarray]:
+    """Host arrays of round ``round_idx`` (a pure function of seed and round)."""
+    c = self.config
+    n = self.clients.num_clients
+    ids = data_lib.sample_clients(c.seed, round_idx, n, c.fl.clients_per_round)
+    m = len(ids)
+    mp = federated.padded_clients(m, c.fl.client_chunk)
+    slots = np.concatenate([ids, np.full(mp - m, n, np.int32)])
+    rd = self.clients.take(np.minimum(slots, n - 1))
+    rd.update(client_ids=slots, valid=slots < n,
+              budgets=self.budgets[np.minimum(slots, n - 1)].astype(np.float32),
+              lam=np.float32(c.selection.lam),
+              reselect=np.bool_(round_idx % c.selection.sel_gap == 0))
+    return rd
+
+
+def _checkpointer(workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _read_rows(path: str, upto: int) -> list[dict]:
+  """Rows of an existing metrics.csv with round < upto (the part a resume keeps)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [r for r in csv.DictReader(f) if int(r["round"]) < upto]
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+  fields = list(dict.fromkeys(k for r in rows for k in r))
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(tmp, path)
+
+
+def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
+         ev: dict | None) -> dict:
+  row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),
+                         "test_loss": "" if ev is None else ev["loss"],
+                         "test_accuracy": "" if ev is None else ev["accuracy"],
+                         "seconds": round(seconds, 4)}
+  for key in ("penalty", "objective", "e1", "e2", "e2_bound", "grad_sq"):
+    if key in metrics:
+      row[key] = float(metrics[key])
+  for name, s in zip(names, np.asarray(metrics["coverage"])):
+    row[f"S_{name}"] = int(s)
+  return row
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       setup: Setup | None = None, quiet: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) a federated run in ``workdir``; returns the final metrics.
+
+  Writes ``config.json``, ``metrics.csv`` (one row per round),
+  ``selection.npz`` (masks and scores per round) and orbax checkpoints in
+  ``checkpoints/``; a second call on the same workdir resumes from the last
+  checkpoint and reproduces the uninterrupted run.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  setup = setup or Setup(config)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  mngr = _checkpointer(workdir)
+  state = setup.initial_state()
+  start = 0
+  if mngr.latest_step() is not None:
+    start = int(mngr.latest_step())
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
+    if not quiet:
+      print(f"resuming {workdir} from round {start}", flush=True)
+  metrics_path = os.path.join(workdir, "metrics.csv")
+  rows = _read_rows(metrics_path, start)
+  sel_path = os.path.join(workdir, "selection.npz")
+  history = {"masks": [], "scores": []}
+  if start and os.path.exists(sel_path):
+    with np.load(sel_path) as f:
+      history = {k: list(f[k][:start]) for k in f.files}
+
+  key = jax.random.key(config.seed)
+  names = setup.spec.groups.names
+  num_rounds = config.fl.num_rounds
+  bar = tqdm(range(start, num_rounds), initial=start, total=num_rounds, disable=quiet,
+             desc=config.selection.strategy, dynamic_ncols=True, mininterval=1.0)
+  ev = None
+  for t in bar:
+    t0 = time.perf_counter()
+    rd = setup.round_data(t)
+    state, metrics = setup.round_fn(state, rd, key)
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - t0
+    last = t + 1 == num_rounds
+    ev = None
+    if (t + 1) % config.eval_every == 0 or last:
+      ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
+    rows.append(_row(t, metrics, seconds, names, ev))
+    valid = rd["valid"]
+    history["masks"].append(np.asarray(metrics["masks"])[valid])
+    if "scores" in metrics:
+      history["scores"].append(np.asarray(metrics["scores"])[valid])
+    if config.selection.get("check_exact", False) and "scores" in metrics:
+      rows[-1].update(_exact_gap(setup, rd, metrics))
+    bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
+                    acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
+    if (t + 1) % config.checkpoint_every == 0 or last:
+      _write_rows(metrics_path, rows)
+      np.savez(sel_path + ".tmp.npz", **{k: np.stack(v) for k, v in history.items() if v})
+      os.replace(sel_path + ".tmp.npz", sel_path)
+      mngr.save(t + 1, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+  bar.close()
+  if ev is None:
+    ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
+  final = {"strategy": config.selection.strategy, "rounds": num_rounds,
+           "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+           "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in rows]))
+           if rows else float("nan")}
+  with open(os.path.join(workdir, "final.json"), "w") as f:
+    json.dump(final, f, indent=2)
+  return final
+
+
+def _exact_gap(setup: Setup, rd: dict, metrics: dict) -> dict[str, float]:
+  """The in-graph solver's gap to the exact MILP on this round's scores."""
+  valid = rd["valid"]
+  scores = np.asarray(selection.normalize_scores(jnp.asarray(metrics["scores"])))[valid]
+  lam = float(rd["lam"])
+  exact, info = selection.solve_p1_exact(scores, setup.costs, rd["budgets"][valid], lam)
+  got = float(selection.p1_objective(jnp.asarray(metrics["masks"])[valid], scores, lam))
+  best = float(info["objective"])
+  return {"exact_objective": best, "solver_gap": best - got}
