@@ -21,7 +21,8 @@ class ModelSpec:
     name: registry name (``config.model.name``).
     module: ``module.apply({'params': p}, x, train=bool) -> f32[B, classes]``;
       ``x`` is float32 images ``[B, H, W, C]`` / features ``[B, D]`` or int32
-      token ids ``[B, T]`` (0 = padding, attention masks derived from it).
+      token ids ``[B, T]`` padded with the model's ``pad_token_id`` (0 for
+      BERT/MiniLM, 1 for RoBERTa/XLM-R); attention masks derive from it.
       Training randomness (dropout) uses the ``'dropout'`` rng.
     groups: fixed / common / candidate parameter groups.
     example_input: a small batch (numpy) of the input kind for ``init``.
