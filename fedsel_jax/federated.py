@@ -116,29 +116,22 @@ def _chunks(tree: PyTree, chunk: int) -> PyTree:
 
 def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.Array,
                  budgets: jax.Array, lam: jax.Array, valid: jax.Array,
-                 key: jax.Array) -> jax.Array:
+                 key: jax.Array, client_ids: jax.Array) -> jax.Array:
   """bool[M, K] masks of the sampled clients for the configured strategy."""
-  m, k = budgets.shape[0], costs.shape[0]
   name = settings.strategy
-  if name == "full":
-    out = selection.select_full(budgets, costs)
-  elif name == "head":
-    out = jnp.zeros((m, k), bool)
-  elif name == "top":
-    out = selection.select_top(budgets, costs)
-  elif name == "bottom":
-    out = selection.select_bottom(budgets, costs)
-  elif name == "both":
-    out = selection.select_both(budgets, costs)
-  elif name == "random":
-    out = selection.select_random(key, budgets, costs)
+  if name == "head":
+    return jnp.zeros((budgets.shape[0], costs.shape[0]), bool)
+  if name == "random":
+    return selection.select_random(costs, budgets, key, client_ids=client_ids,
+                                   client_valid=valid)
+  if name in ("full", "top", "bottom", "both"):
+    return getattr(selection, f"select_{name}")(costs, budgets, client_valid=valid)
+  normalised = selection.normalize_scores(scores)
+  if STRATEGIES[name][1]:
+    out = selection.solve_p1(normalised, costs, budgets, lam, client_valid=valid,
+                             num_starts=settings.solver_starts)
   else:
-    normalised = selection.normalize_scores(scores)
-    if STRATEGIES[name][1]:
-      out = selection.solve_p1(normalised, costs, budgets, lam, client_valid=valid,
-                               num_starts=settings.solver_starts)
-    else:
-      out = selection.select_topk_scores(normalised, costs, budgets)
+    out = selection.select_topk_scores(normalised, costs, budgets, client_valid=valid)
   return out & valid[:, None]
 
 
@@ -227,13 +220,16 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
       metrics["scores"] = scores
     else:
       scores = None
-    fresh = select_masks(settings, scores, costs, rd["budgets"], rd["lam"], valid, sel_key)
+    fresh = select_masks(settings, scores, costs, rd["budgets"], rd["lam"], valid, sel_key,
+                         ids)
     masks = jnp.where(need[:, None], fresh, old) & valid[:, None]
     if scores is not None:
       normalised = selection.normalize_scores(scores)
       metrics["objective"] = selection.p1_objective(masks, normalised, rd["lam"],
                                                     client_valid=valid)
     metrics["penalty"] = selection.p1_penalty(masks, rd["lam"], client_valid=valid)
+    # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
+    metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)
 
     # 3. Local training, streamed into the aggregation.
     lowest = client_lib.lowest_selected(masks)

@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
@@ -47,6 +48,9 @@ def run(config, workdir: str) -> list[dict]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # keep library INFO chatter off the console
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   if _CONFIG.value is None or _WORKDIR.value is None:
     print("error: --config and --workdir are required, e.g. "
           "--config configs/default.py --workdir runs/default", file=sys.stderr)

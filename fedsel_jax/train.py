@@ -137,11 +137,13 @@ class Setup:
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
-        self.settings), donate_argnums=0)
+        self.settings, client_sharding=client_sharding(config)), donate_argnums=0)
     self.evaluate = make_eval_fn(self.spec.module.apply, config.eval_batch_size)
 
   def initial_state(self) -> federated.ServerState:
-    return federated.init_server_state(self.params, self.server_opt,
+    # A copy: round_fn donates its state, and Setup may start several runs.
+    params = jax.tree_util.tree_map(jnp.copy, self.params)
+    return federated.init_server_state(params, self.server_opt,
                                        self.clients.num_clients, self.k)
 
   def round_data(self, round_idx: int) -> dict[str, np.ndarray]:
@@ -158,6 +160,24 @@ class Setup:
               lam=np.float32(c.selection.lam),
               reselect=np.bool_(round_idx % c.selection.sel_gap == 0))
     return rd
+
+
+def client_sharding(config) -> jax.sharding.Sharding | None:
+  """Shards each chunk's clients over all devices when ``fl.shard_clients``.
+
+  Uses every device JAX sees: one host's GPUs/TPU cores, or all hosts' after
+  ``jax.distributed.initialize()``. ``fl.client_chunk`` must be a multiple
+  of the device count.
+  """
+  if not config.fl.get("shard_clients", False):
+    return None
+  n = jax.device_count()
+  chunk = config.fl.client_chunk or config.fl.clients_per_round
+  if chunk % n:
+    raise ConfigError(f"fl.client_chunk={chunk} must be a multiple of the {n} devices "
+                      "when fl.shard_clients=True")
+  mesh = jax.make_mesh((n,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
 
 
 def _checkpointer(workdir: str) -> ocp.CheckpointManager:
@@ -190,7 +210,7 @@ def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
                          "test_loss": "" if ev is None else ev["loss"],
                          "test_accuracy": "" if ev is None else ev["accuracy"],
                          "seconds": round(seconds, 4)}
-  for key in ("penalty", "objective", "e1", "e2", "e2_bound", "grad_sq"):
+  for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq"):
     if key in metrics:
       row[key] = float(metrics[key])
   for name, s in zip(names, np.asarray(metrics["coverage"])):

@@ -183,8 +183,9 @@ def make_round(spec, index, strategy, chunk=0, cut=False, diag=True, server_opt=
 
 def naive_round(spec, index, params, rd, masks, key, round_idx=0):
   """A Python loop over client_update and a NumPy per-layer aggregation."""
-  update = client_lib.make_client_update(client_lib.make_loss_fn(spec.module.apply),
-                                         optax.sgd(0.1), index, local_steps=3, batch_size=4)
+  update = jax.jit(client_lib.make_client_update(client_lib.make_loss_fn(spec.module.apply),
+                                                 optax.sgd(0.1), index, local_steps=3,
+                                                 batch_size=4))
   _, train_key, _ = jax.random.split(jax.random.fold_in(key, round_idx), 3)
   deltas = []
   for i, cid in enumerate(rd["client_ids"]):
@@ -223,8 +224,9 @@ def test_full_mask_is_fedavg():
   new, metrics = jax.jit(make_round(spec, index, "full"))(state, rd, key)
   assert np.asarray(metrics["masks"]).all()
   # FedAvg: every non-fixed leaf is the example-weighted mean of the clients' models
-  update = client_lib.make_client_update(client_lib.make_loss_fn(spec.module.apply),
-                                         optax.sgd(0.1), index, local_steps=3, batch_size=4)
+  update = jax.jit(client_lib.make_client_update(client_lib.make_loss_fn(spec.module.apply),
+                                                 optax.sgd(0.1), index, local_steps=3,
+                                                 batch_size=4))
   _, train_key, _ = jax.random.split(jax.random.fold_in(key, 0), 3)
   models, w = [], rd["num_examples"] / rd["num_examples"].sum()
   for i in range(m):
@@ -351,3 +353,26 @@ def test_client_sampling_is_a_function_of_seed_and_round():
   assert np.array_equal(a, data_lib.sample_clients(0, 5, 100, 10))
   assert not np.array_equal(a, data_lib.sample_clients(0, 6, 100, 10))
   assert len(set(a)) == 10
+
+
+@pytest.mark.parametrize("strategy", sorted(federated.STRATEGIES))
+def test_every_strategy_respects_budgets(strategy):
+  spec, params, index = tiny_model()
+  m = 5
+  budgets = np.array([1, 2, 3, 2, 1], np.float32)
+  rd = round_data(random_clients(m, seed=6), np.arange(m), budgets=budgets, lam=0.5)
+  state = federated.init_server_state(params, optax.sgd(1.0), m, K)
+  fn = jax.jit(make_round(spec, index, strategy, diag=False, sel_batches=2))
+  new, metrics = fn(state, rd, jax.random.key(0))
+  masks = np.asarray(metrics["masks"])
+  if strategy == "full":
+    assert masks.all()
+  elif strategy == "head":
+    assert not masks.any()
+  elif federated.STRATEGIES[strategy][1]:
+    assert np.all(masks.sum(1) <= budgets)    # P1 may leave budget unused when lam > 0
+  else:
+    np.testing.assert_array_equal(masks.sum(1), budgets)   # unit costs: budgets filled exactly
+  assert np.isfinite(float(metrics["train_loss"]))
+  for leaf in jax.tree_util.tree_leaves(new.params):
+    assert np.all(np.isfinite(leaf))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
+from fedsel_jax import datasets
 from fedsel_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+  path = str(tmp_path_factory.mktemp("tfds"))
+  datasets.load_dataset(smoke_config(path).data)   # prepare digits once
+  return path
 
 
 def smoke_config(data_dir, **overrides):
@@ -63,8 +66,7 @@ def test_smoke_run_writes_metrics_and_resumes_bit_for_bit(data_dir, tmp_path):
     assert [int(r["round"]) for r in csv.DictReader(f)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("strategy", ["full", "top", "bottom", "both", "random", "gradnorm",
-                                      "rgn", "snr", "proposed", "snr_p1"])
+@pytest.mark.parametrize("strategy", ["full", "proposed", "snr_p1"])
 def test_every_strategy_runs(data_dir, tmp_path, strategy):
   config = smoke_config(data_dir, **{"selection.strategy": strategy, "fl.num_rounds": 1,
                                      "selection.sel_batches": 2})

@@ -1,0 +1,56 @@
+"""The paper's CIFAR-10 run: CLIP ViT-B/32 vision tower + linear head.
+
+Dirichlet(alpha=0.1) label skew over 100 clients, 20 per round, 500 rounds,
+batch 64, lr 0.01, heterogeneous budgets of 1-2 blocks (truncated normal),
+bf16 compute with fp32 master weights.
+
+Needs, once, on a machine with network (then copy the folders here):
+  * CIFAR-10 prepared for TFDS in ``data.data_dir``:
+      python -c "import tensorflow_datasets as tfds; \
+        tfds.builder('cifar10', data_dir='$HOME/tensorflow_datasets', \
+        file_format='array_record').download_and_prepare()"
+  * the CLIP checkpoint (``openai/clip-vit-base-patch32``: config.json and
+    model.safetensors) in the folder given as ``model.pretrained``.
+Then:
+    python -m fedsel_jax.main --config configs/cifar10_clip.py --workdir runs/cifar10_clip \
+        --config.model.pretrained=/path/to/clip-vit-base-patch32
+Missing data or weights end with one ``error:`` line naming the path.
+"""
+
+from configs import default
+
+
+def get_config(arg: str = ""):
+  c = default.get_config()
+  c.data.name = "cifar10"
+  c.data.image_size = 0          # native 32 px; the model resizes to 224 on the device
+  c.data.normalize = "clip"
+  c.data.partition = "dirichlet"
+  c.data.num_clients = 100
+  c.data.alpha = 0.1
+  c.data.min_client_size = 20
+  c.data.max_examples = 0
+  c.data.max_test = 0
+  c.model.name = "clip_vit"
+  c.model.variant = "B/32"
+  c.model.pretrained = "~/models/clip-vit-base-patch32"
+  c.model.dtype = "bfloat16"
+  c.fl.num_rounds = 500
+  c.fl.clients_per_round = 20
+  c.fl.local_steps = 5
+  c.fl.batch_size = 64
+  c.fl.client_chunk = 10
+  c.fl.backprop_cut = True
+  c.client_optim.lr = 0.01
+  c.selection.strategy = "proposed"
+  c.selection.lam = 0.05
+  c.selection.sel_batches = 2
+  c.selection.budget.kind = "truncnorm"
+  c.selection.budget.low, c.selection.budget.high = 1.0, 2.0
+  c.selection.budget.mean, c.selection.budget.std = 1.5, 0.5
+  c.eval_every = 10
+  c.checkpoint_every = 10
+  c.compare_strategies = ()
+  if arg:
+    raise ValueError(f"configs/cifar10_clip.py takes no argument, got {arg!r}")
+  return c
