@@ -56,6 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fl.batch_size = 16
   c.fl.client_chunk = 8          # clients vmapped together; 0 = all at once
   c.fl.backprop_cut = True       # stop backprop below each chunk's lowest selected layer
+  c.fl.unroll = False            # unroll each client's local-step loop (fedsel_jax/client.py)
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
 
   c.client_optim = ml_collections.ConfigDict()

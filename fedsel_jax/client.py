@@ -90,7 +90,7 @@ def batch_positions(key: jax.Array, mask: jax.Array, num_steps: int, batch_size:
 
 def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformation,
                        index: PyTree, *, local_steps: int, batch_size: int,
-                       cut: int = 0) -> Callable:
+                       cut: int = 0, unroll: bool = False) -> Callable:
   """Builds ``client_update(params, data, mask, key) -> ClientResult``.
 
   Args:
@@ -102,6 +102,10 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     cut: static lowest candidate layer any client using this function trains
       (0 = no cut). Layers below it must be unselected in every mask passed
       in; backprop stops there.
+    unroll: unroll the local-step loop. XLA:CPU runs convolutions inside a
+      loop body about 17x slower than unrolled (a small CNN, 5 steps: 374 ms
+      rolled, 22 ms unrolled); it only helps where no outer loop remains
+      (a single chunk). Dense and attention models do not need it.
 
   The returned function takes:
     params: the server model theta^t.
@@ -133,7 +137,8 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
       return (local, opt_state), loss
 
     keys = jax.random.split(dropout_key, local_steps)
-    (local, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), (rows, keys))
+    (local, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), (rows, keys),
+                                      unroll=unroll)
     delta = jax.tree_util.tree_map(lambda t, new, old: jnp.where(t, new - old, 0),
                                    trainable, local, params)
     return ClientResult(delta=delta, num_examples=data["num_examples"].astype(jnp.int32),

@@ -89,6 +89,7 @@ class RoundSettings:
   backprop_cut: bool = False
   diagnostics: bool = True
   solver_starts: int = 4
+  unroll: bool = False           # unroll each client's step/batch loops (client.py)
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -165,7 +166,8 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
   cuts = range(k + 1) if settings.backprop_cut else (0,)
   updates = [client_lib.make_client_update(loss_fn, client_opt, index,
                                            local_steps=settings.local_steps,
-                                           batch_size=settings.batch_size, cut=c) for c in cuts]
+                                           batch_size=settings.batch_size, cut=c,
+                                           unroll=settings.unroll) for c in cuts]
   chunk_updates = [jax.vmap(u, in_axes=(None, 0, 0, 0)) for u in updates]
   score_kind = settings.score_kind
 
@@ -180,7 +182,7 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
         loss_fn, index, k, batch_size=settings.batch_size,
         num_batches=scores_lib.num_score_batches(n_max, settings.batch_size,
                                                  settings.sel_batches),
-        second_moment=second_moment)
+        second_moment=second_moment, unroll=settings.unroll)
     return jax.vmap(fn, in_axes=(None, 0, 0))
 
   def round_fn(state: ServerState, rd: dict, key: jax.Array):

@@ -36,7 +36,7 @@ def num_score_batches(n_max: int, batch_size: int, sel_batches: int) -> int:
 
 def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
                        batch_size: int, num_batches: int,
-                       second_moment: bool = False) -> Callable:
+                       second_moment: bool = False, unroll: bool = False) -> Callable:
   """Builds ``grad_stats(params, data, key) -> dict`` for ONE client.
 
   Batch b holds rows ``[b*B, (b+1)*B)`` of the client's (unshuffled) padded
@@ -76,7 +76,7 @@ def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
 
     init = (zeros, zeros if second_moment else (), jnp.zeros((k_layers,)), jnp.zeros(()))
     keys = jax.random.split(key, num_batches)
-    (s1, s2, sq, nb), _ = jax.lax.scan(body, init, (rows, keys))
+    (s1, s2, sq, nb), _ = jax.lax.scan(body, init, (rows, keys), unroll=unroll)
     nb_safe = jnp.maximum(nb, 1.)
     out = dict(mean_grad=jax.tree_util.tree_map(lambda x: x / nb_safe, s1),
                batch_sq=sq / nb_safe, num_batches=nb)

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -133,7 +134,7 @@ class Setup:
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
         batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=fl.client_chunk,
         backprop_cut=fl.backprop_cut, diagnostics=config.diagnostics,
-        solver_starts=sel.solver_starts)
+        solver_starts=sel.solver_starts, unroll=_unroll(config))
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
@@ -160,6 +161,13 @@ class Setup:
               lam=np.float32(c.selection.lam),
               reselect=np.bool_(round_idx % c.selection.sel_gap == 0))
     return rd
+
+
+def _unroll(config) -> bool:
+  value = config.fl.get("unroll", False)
+  if not isinstance(value, bool):
+    raise ConfigError(f"fl.unroll must be one of [True, False], got {value!r}")
+  return value
 
 
 def client_sharding(config) -> jax.sharding.Sharding | None:
@@ -252,7 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   key = jax.random.key(config.seed)
   names = setup.spec.groups.names
   num_rounds = config.fl.num_rounds
-  bar = tqdm(range(start, num_rounds), initial=start, total=num_rounds, disable=quiet,
+  # A live bar on a terminal; one plain line per evaluation in logs and CI.
+  live = not quiet and sys.stderr.isatty()
+  bar = tqdm(range(start, num_rounds), initial=start, total=num_rounds, disable=not live,
              desc=config.selection.strategy, dynamic_ncols=True, mininterval=1.0)
   ev = None
   for t in bar:
@@ -274,6 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       rows[-1].update(_exact_gap(setup, rd, metrics))
     bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
                     acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
+    if ev and not live and not quiet:
+      print(f"{config.selection.strategy} round {t + 1}/{num_rounds}  "
+            f"train_loss {rows[-1]['train_loss']:.4f}  test_loss {ev['loss']:.4f}  "
+            f"test_accuracy {ev['accuracy']:.4f}  {seconds:.2f} s/round", flush=True)
     if (t + 1) % config.checkpoint_every == 0 or last:
       _write_rows(metrics_path, rows)
       np.savez(sel_path + ".tmp.npz", **{k: np.stack(v) for k, v in history.items() if v})
