@@ -35,6 +35,7 @@ def get_config(arg: str = ""):
   c.fl.batch_size = 64
   c.fl.client_chunk = 10
   c.fl.backprop_cut = True
+  c.client_optim.name = "sgd"
   c.client_optim.lr = 0.01
   c.selection.strategy = "proposed"
   c.selection.sel_batches = 2

@@ -36,6 +36,7 @@ def get_config(arg: str = ""):
   c.fl.batch_size = 32
   c.fl.client_chunk = 5
   c.fl.backprop_cut = True
+  c.client_optim.name = "sgd"
   c.client_optim.lr = 0.01
   c.selection.strategy = "proposed"
   c.selection.sel_batches = 2

@@ -159,11 +159,14 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     ``client_ids int32[Mp]`` (padding slots: N, out of range),
     ``valid bool[Mp]``, ``x [Mp, n_max, ...]``, ``y int32[Mp, n_max]``,
     ``mask bool[Mp, n_max]``, ``num_examples int32[Mp]``,
-    ``budgets f32[Mp]``, ``lam f32``, ``reselect bool``.
+    ``budgets f32[Mp]``, ``lam f32``, ``reselect bool`` and optionally
+    ``diagnose bool`` (estimate E1/E2 this round; default True).
   """
   k = num_candidates
   costs = jnp.asarray(costs, jnp.float32)
-  cuts = range(k + 1) if settings.backprop_cut else (0,)
+  # `head` trains no candidate layer: a static cut at K skips the encoder's
+  # backward pass entirely, whatever backprop_cut says.
+  cuts = range(k + 1) if settings.backprop_cut else (k if settings.strategy == "head" else 0,)
   updates = [client_lib.make_client_update(loss_fn, client_opt, index,
                                            local_steps=settings.local_steps,
                                            batch_size=settings.batch_size, cut=c,
@@ -268,9 +271,16 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
         return diagnostics.accumulate_grads(sums, stats["mean_grad"], c["masks"], c["p"],
                                             index), None
 
-      sums, _ = jax.lax.scan(diag_chunk, diagnostics.init_grad_sums(params, k),
-                             _chunks(dict(data=data, masks=masks, p=p, keys=client_keys), chunk))
-      metrics.update(diagnostics.error_terms(sums, index))
+      def diagnose(_):
+        sums, _ = jax.lax.scan(diag_chunk, diagnostics.init_grad_sums(params, k),
+                               _chunks(dict(data=data, masks=masks, p=p, keys=client_keys),
+                                       chunk))
+        return diagnostics.error_terms(sums, index)
+
+      # NaN marks rounds without diagnostics (``diagnose`` False saves a pass).
+      skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                                       jax.eval_shape(diagnose, None))
+      metrics.update(jax.lax.cond(rd.get("diagnose", True), diagnose, lambda _: skipped, None))
 
     metrics.update(train_loss=jnp.sum(p * losses), client_loss=losses, masks=masks,
                    coverage=agg.coverage)

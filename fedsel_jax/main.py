@@ -39,7 +39,11 @@ def run(config, workdir: str) -> list[dict]:
   for i, c in enumerate(configs):
     sub = workdir if i == 0 else os.path.join(workdir, "compare", c.selection.strategy)
     print(f"== {c.selection.strategy}: {sub}", flush=True)
-    results.append(dict(train.train_and_evaluate(c, sub), workdir=sub))
+    try:   # everything Setup checks (partition, budgets, costs) comes before compute
+      setup = train.Setup(c)
+    except ValueError as e:
+      raise train.ConfigError(str(e)) from e
+    results.append(dict(train.train_and_evaluate(c, sub, setup=setup), workdir=sub))
   print(plots.results_table(results), flush=True)
   plots.write_run_plots(workdir, [r["workdir"] for r in results],
                         [r["strategy"] for r in results])

@@ -65,7 +65,7 @@ def write_run_plots(out_dir: str, workdirs: list[str], labels: list[str]) -> lis
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-  if "e1" in rows[0]:
+  if "e1" in rows[0] and any(r["e1"] for r in rows):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("e1", "e2", "e2_bound", "grad_sq"):
       x, y = _column(rows, name)

@@ -159,7 +159,8 @@ class Setup:
     rd.update(client_ids=slots, valid=slots < n,
               budgets=self.budgets[np.minimum(slots, n - 1)].astype(np.float32),
               lam=np.float32(c.selection.lam),
-              reselect=np.bool_(round_idx % c.selection.sel_gap == 0))
+              reselect=np.bool_(round_idx % c.selection.sel_gap == 0),
+              diagnose=np.bool_(round_idx % c.get("diagnostics_every", 1) == 0))
     return rd
 
 
@@ -220,7 +221,8 @@ def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
                          "seconds": round(seconds, 4)}
   for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq"):
     if key in metrics:
-      row[key] = float(metrics[key])
+      value = float(metrics[key])
+      row[key] = "" if np.isnan(value) else value
   for name, s in zip(names, np.asarray(metrics["coverage"])):
     row[f"S_{name}"] = int(s)
   return row

@@ -85,7 +85,7 @@ def run_cli(*args, timeout=60):
     ("--config.selection.strategy=best", "selection.strategy must be one of"),
     ("--config.model.name=resnet", "model.name must be one of"),
     ("--config.data.name=imagenet", "data.name must be one of"),
-    ("--config.selection.budget.value=9", "selection.budget.value=9.0 exceeds the 3"),
+    ("--config.selection.budget.value=9", "selection.budget.value=9 exceeds the 3"),
     ("--config.fl.clients_per_round=20", "fl.clients_per_round=20 exceeds"),
     ("--config.data.alpha=0", "data.alpha must be > 0"),
     ("--config.selection.lam=-1", "selection.lam must be a finite number >= 0"),
