@@ -92,7 +92,7 @@ def error_terms(sums: GradSums, index: PyTree) -> dict[str, jax.Array]:
   diff = jax.tree_util.tree_map(lambda s, f, c: s / c - f, sums.selected, sums.full, scale)
   e2_layers = jnp.where(covered, masks_lib.group_sq_norms(diff, index, k), 0.)
   kappa_sq = jnp.maximum(sums.sq - gbar_sq, 0.)
-  bound = jnp.where(covered, (1. / p_l - 1.) * kappa_sq, 0.)
+  bound = jnp.where(covered, jnp.maximum(1. / p_l - 1., 0.) * kappa_sq, 0.)
   return dict(e1=jnp.sum(jnp.where(covered, 0., gbar_sq)), e2=jnp.sum(e2_layers),
               e2_bound=jnp.sum(bound), grad_sq=jnp.sum(gbar_sq),
               grad_sq_layers=gbar_sq, e2_layers=e2_layers, kappa_sq=kappa_sq)
