@@ -72,7 +72,8 @@ def main():
           f"loss {np.round(m['train_loss'], 3)}", flush=True)
     for j, lam in enumerate(lams):
       rows.append({"lam": float(lam), "round": t, "train_loss": float(m["train_loss"][j]),
-                   **{k: float(m[k][j]) for k in ("penalty", "e1", "e2", "e2_bound", "grad_sq")
+                   **{k: float(m[k][j]) for k in ("penalty", "disagreement", "e1", "e2", "e2_bound",
+                                            "grad_sq")
                       if k in m}})
   finals = []
   for j, lam in enumerate(lams):
@@ -83,14 +84,16 @@ def main():
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  print("| lambda | mean penalty / lambda | mean E2 | mean E1 | final test accuracy |")
+  print("| lambda | disagreeing client pairs per round | mean E2 | mean E1 | "
+        "final test accuracy |")
   print("|---|---|---|---|---|")
   summary = []
   for j, lam in enumerate(lams):
     r = [x for x in rows if x["lam"] == float(lam)]
-    # penalty/lambda = disagreeing client pairs, comparable across lambdas
-    pairs = np.mean([x["penalty"] / lam for x in r]) if lam > 0 else float("nan")
-    e2, e1 = np.mean([x["e2"] for x in r]), np.mean([x["e1"] for x in r])
+    # sum_l S_l (M - S_l): disagreeing client pairs, comparable across lambdas
+    pairs = np.mean([x["disagreement"] for x in r])
+    # rounds without diagnostics (config.diagnostics_every) hold NaN
+    e2, e1 = np.nanmean([x["e2"] for x in r]), np.nanmean([x["e1"] for x in r])
     summary.append((lam, pairs, e2, e1, finals[j]))
     print(f"| {lam:g} | {pairs:.1f} | {e2:.3e} | {e1:.3e} | {finals[j]:.4f} |")
   plot(summary, os.path.join(args.workdir, "sweep.png"))
@@ -111,11 +114,12 @@ def plot(summary, path):
   x = np.maximum(lam, lam[lam > 0].min() / 2) if (lam > 0).any() else lam
   axes[0].plot(x, e2, "o-", label="E2")
   axes[0].plot(x, e1, "s-", label="E1")
-  axes[0].set(xscale="log", yscale="log", xlabel="lambda (0 plotted at left edge)",
+  axes[0].set(xscale="log", yscale="symlog", xlabel="lambda (0 plotted at left edge)",
               title="mean error terms")
   axes[0].legend()
-  axes[1].plot(x[lam > 0], pairs[lam > 0], "o-")
-  axes[1].set(xscale="log", xlabel="lambda", title="disagreeing client pairs / round")
+  axes[1].plot(x, pairs, "o-")
+  axes[1].set(xscale="log", xlabel="lambda (0 plotted at left edge)",
+              title="disagreeing client pairs / round")
   axes[2].plot(x, acc, "o-")
   axes[2].set(xscale="log", xlabel="lambda", title="final test accuracy")
   for a in axes:
