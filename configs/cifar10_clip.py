@@ -21,7 +21,7 @@ from configs import default
 
 
 def get_config(arg: str = ""):
-  c = default.get_config()
+  c = default.paper_run(default.get_config())
   c.data.name = "cifar10"
   c.data.image_size = 0          # native 32 px; the model resizes to 224 on the device
   c.data.normalize = "clip"
@@ -29,29 +29,12 @@ def get_config(arg: str = ""):
   c.data.num_clients = 100
   c.data.alpha = 0.1
   c.data.min_client_size = 20
-  c.data.max_examples = 0
-  c.data.max_test = 0
   c.model.name = "clip_vit"
   c.model.variant = "B/32"
   c.model.pretrained = "~/models/clip-vit-base-patch32"
-  c.model.dtype = "bfloat16"
-  c.fl.num_rounds = 500
   c.fl.clients_per_round = 20
-  c.fl.local_steps = 5
-  c.fl.batch_size = 64
   c.fl.client_chunk = 10
-  c.fl.backprop_cut = True
-  c.client_optim.name = "sgd"
-  c.client_optim.lr = 0.01
-  c.selection.strategy = "proposed"
   c.selection.lam = 0.05
-  c.selection.sel_batches = 2
-  c.selection.budget.kind = "truncnorm"
-  c.selection.budget.low, c.selection.budget.high = 1, 2
-  c.selection.budget.mean, c.selection.budget.std = 1.5, 0.5
-  c.eval_every = 10
-  c.checkpoint_every = 10
-  c.compare_strategies = ()
   if arg:
     raise ValueError(f"configs/cifar10_clip.py takes no argument, got {arg!r}")
   return c

@@ -120,3 +120,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(f"configs/default.py takes '' or 'smoke', got {arg!r}")
   return c
+
+
+def paper_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's reference settings (SPEC.md): 500 rounds, batch 64, SGD lr 0.01,
+  5 local steps, proposed with 1-2 block truncnorm budgets, bf16 compute."""
+  c.data.max_examples = 0
+  c.data.max_test = 0
+  c.model.dtype = "bfloat16"
+  c.fl.num_rounds = 500
+  c.fl.local_steps = 5
+  c.fl.batch_size = 64
+  c.fl.backprop_cut = True
+  c.client_optim.name = "sgd"
+  c.client_optim.lr = 0.01
+  c.selection.strategy = "proposed"
+  c.selection.sel_batches = 2
+  c.selection.budget.kind = "truncnorm"
+  c.selection.budget.low, c.selection.budget.high = 1, 2
+  c.selection.budget.mean, c.selection.budget.std = 1.5, 0.5
+  c.diagnostics_every = 10
+  c.eval_every = 10
+  c.checkpoint_every = 10
+  c.compare_strategies = ()
+  return c
+

@@ -17,31 +17,17 @@ from configs import default
 
 
 def get_config(arg: str = ""):
-  c = default.get_config()
+  c = default.paper_run(default.get_config())
   c.data.name = "domainnet"
   c.data.image_size = 64         # stored size; the model resizes to 224 on the device
   c.data.normalize = "clip"
   c.data.partition = "natural"   # natural groups = domains
   c.data.num_clients = 30
-  c.data.max_examples = 0
-  c.data.max_test = 0
   c.model.name = "clip_vit"
   c.model.variant = "B/32"
   c.model.pretrained = "~/models/clip-vit-base-patch32"
-  c.model.dtype = "bfloat16"
-  c.fl.num_rounds = 500
   c.fl.clients_per_round = 10
-  c.fl.local_steps = 5
-  c.fl.batch_size = 64
   c.fl.client_chunk = 10
-  c.fl.backprop_cut = True
-  c.client_optim.name = "sgd"
-  c.client_optim.lr = 0.01
-  c.selection.strategy = "proposed"
-  c.selection.sel_batches = 2
-  c.eval_every = 10
-  c.checkpoint_every = 10
-  c.compare_strategies = ()
   if arg:
     raise ValueError(f"configs/domainnet_clip.py takes no argument, got {arg!r}")
   return c

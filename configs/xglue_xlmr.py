@@ -18,31 +18,18 @@ from configs import default
 
 
 def get_config(arg: str = ""):
-  c = default.get_config()
+  c = default.paper_run(default.get_config())
   c.data.name = "xglue"
   c.data.tokenizer = "~/models/xlm-roberta-base/tokenizer.json"
   c.data.max_len = 128
   c.data.partition = "natural"   # natural groups = languages
   c.data.num_clients = 50
-  c.data.max_examples = 0
-  c.data.max_test = 0
   c.model.name = "xlmr"
   c.model.pretrained = "~/models/xlm-roberta-base"
   c.model.max_len = 128
-  c.model.dtype = "bfloat16"
-  c.fl.num_rounds = 500
   c.fl.clients_per_round = 10
-  c.fl.local_steps = 5
   c.fl.batch_size = 32
   c.fl.client_chunk = 5
-  c.fl.backprop_cut = True
-  c.client_optim.name = "sgd"
-  c.client_optim.lr = 0.01
-  c.selection.strategy = "proposed"
-  c.selection.sel_batches = 2
-  c.eval_every = 10
-  c.checkpoint_every = 10
-  c.compare_strategies = ()
   if arg:
     raise ValueError(f"configs/xglue_xlmr.py takes no argument, got {arg!r}")
   return c

@@ -105,3 +105,12 @@ def test_cli_missing_dataset_fails_fast(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith("error: ") and "cifar10" in proc.stderr
   assert seconds < 30   # interpreter + imports; the check itself takes well under a second
+
+
+@pytest.mark.parametrize("name", ["default", "digits", "cifar10_clip", "domainnet_clip",
+                                  "xglue_xlmr"])
+def test_every_config_is_valid(name):
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config()
+  train.validate_config(config)
+  assert config.fl.clients_per_round <= (config.data.num_clients or 10**9)
