@@ -70,8 +70,15 @@ def test_smoke_run_writes_metrics_and_resumes_bit_for_bit(data_dir, tmp_path):
 def test_every_strategy_runs(data_dir, tmp_path, strategy):
   config = smoke_config(data_dir, **{"selection.strategy": strategy, "fl.num_rounds": 1,
                                      "selection.sel_batches": 2})
+  if strategy == "proposed":
+    config.selection.check_exact = True
   final = train.train_and_evaluate(config, str(tmp_path), quiet=True)
   assert np.isfinite(final["test_loss"])
+  if strategy == "proposed":   # the in-graph solver against the exact MILP, logged per round
+    with open(os.path.join(str(tmp_path), "metrics.csv")) as f:
+      row = next(csv.DictReader(f))
+    assert float(row["solver_gap"]) >= -1e-5
+    assert float(row["objective"]) <= float(row["exact_objective"]) + 1e-5
 
 
 def run_cli(*args, timeout=60):
