@@ -111,6 +111,13 @@ def _valid_or_all(client_valid, num_clients: int) -> jax.Array:
   return jnp.asarray(client_valid, bool)
 
 
+def _score_inputs(scores, costs, budgets, client_valid):
+  """Sanitised f32 scores, f32 costs and budgets, and bool[M] validity."""
+  scores = sanitize_scores(scores)
+  return (scores, jnp.asarray(costs, jnp.float32), jnp.asarray(budgets, jnp.float32),
+          _valid_or_all(client_valid, scores.shape[0]))
+
+
 def _disagreement_pairs(counts: jax.Array, num_valid: jax.Array) -> jax.Array:
   """i32[...]: sum_l S_l (M - S_l), exact in int32 for M*M*K/4 < 2**31."""
   return jnp.sum(counts * (num_valid - counts), axis=-1)
@@ -633,10 +640,7 @@ def solve_p1(scores: jax.Array, costs: jax.Array, budgets: jax.Array, lam, *,
   Returns:
     bool[M, K] feasible masks.
   """
-  scores = sanitize_scores(scores)
-  costs = jnp.asarray(costs, jnp.float32)
-  budgets = jnp.asarray(budgets, jnp.float32)
-  valid = _valid_or_all(client_valid, scores.shape[0])
+  scores, costs, budgets, valid = _score_inputs(scores, costs, budgets, client_valid)
   lam = jnp.asarray(lam, jnp.float32)
   uniform = _costs_uniform(costs)
 
@@ -961,10 +965,7 @@ def select_topk_scores(scores: jax.Array, costs: jax.Array, budgets: jax.Array,
   Returns:
     bool[M, K] within budget.
   """
-  scores = sanitize_scores(scores)
-  costs = jnp.asarray(costs, jnp.float32)
-  budgets = jnp.asarray(budgets, jnp.float32)
-  valid = _valid_or_all(client_valid, scores.shape[0])
+  scores, costs, budgets, valid = _score_inputs(scores, costs, budgets, client_valid)
   masks = jax.lax.cond(_costs_uniform(costs), _knapsack_uniform, _knapsack_unequal,
                        scores, costs, budgets)
   return masks & valid[:, None]
