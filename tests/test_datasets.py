@@ -33,6 +33,7 @@ def _word_tokenizer(path, specials, single, pair=None):
   tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
   tokenizer.normalizer = normalizers.Lowercase()
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.add_special_tokens(list(specials))  # matched in raw text, e.g. [MASK]
   tokenizer.post_processor = processors.TemplateProcessing(
       single=single, pair=pair, special_tokens=[(s, vocab[s]) for s in specials])
   tokenizer.save(str(path))
@@ -164,6 +165,49 @@ def test_shakespeare_builder_and_load_fixture(tmp_path):
   assert two.group_names == tuple(f"{p}/{s}" for p, s in sorted(largest))
   windows = datasets.load_dataset(_cfg(**cfg.to_dict(), lines_per_example=3))
   assert len(ds.train_y) / 3 <= len(windows.train_y) < len(ds.train_y)
+
+
+def test_cloze_masks_the_first_pronoun_as_a_whole_word():
+  assert shakespeare.cloze("Thou art mine, and I am thine.", "[MASK]") == (
+      "[MASK] art mine, and I am thine.", shakespeare.PRONOUNS.index("thou"))
+  # 'thine', 'mine', 'myself' are not pronouns of the task; 'My' is, in any case.
+  assert shakespeare.cloze("Thine eyes, myself: My lord!", "<mask>") == (
+      "Thine eyes, myself: <mask> lord!", shakespeare.PRONOUNS.index("my"))
+  assert shakespeare.cloze("O, what a rogue and peasant slave am I!", "[MASK]") == (
+      "O, what a rogue and peasant slave am [MASK]!", shakespeare.PRONOUNS.index("i"))
+  assert shakespeare.cloze("Who's there?", "[MASK]") is None
+
+
+def test_shakespeare_pronoun_task_on_fixture(tmp_path):
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  tok = _word_tokenizer(tmp_path / "tok.json", specials, single="[CLS] $A [SEP]")
+  cfg = _cfg(name="shakespeare", data_dir=str(tmp_path / "tfds"), task="pronoun",
+             archive=_fixture_archive(tmp_path), tokenizer=tok, max_len=16, min_lines=5)
+  ds = datasets.load_dataset(cfg)
+  assert ds.class_names == shakespeare.PRONOUNS and ds.num_classes == 8
+
+  roles = shakespeare.role_lines(shakespeare.read_plays(cfg.archive))
+  kept = sorted(role for role, lines in roles.items() if len(lines) >= 5)
+  records = shakespeare._read_roles(shakespeare.builder(cfg))
+  expected = []
+  for role in kept:
+    for line in records["train"][role]["text"]:
+      found = shakespeare.cloze(common.as_str(line), "[MASK]")
+      if found is not None:
+        expected.append(found[1])
+  assert ds.train_y.tolist() == expected and len(expected) > 10
+  # Exactly one mask token per example, and the labels vary inside a role.
+  mask_id = 4
+  assert ((ds.train_x == mask_id).sum(axis=1) == 1).all()
+  assert ((ds.test_x == mask_id).sum(axis=1) == 1).all()
+  assert max(len(set(ds.train_y[ds.train_groups == g])) for g in set(ds.train_groups)) > 1
+
+  no_mask = _word_tokenizer(tmp_path / "nomask.json", specials[:4], single="[CLS] $A [SEP]")
+  with pytest.raises(ValueError, match="MASK"):
+    datasets.load_dataset(_cfg(**{**cfg.to_dict(), "tokenizer": no_mask,
+                                  "data_dir": str(tmp_path / "tfds2")}))
+  with pytest.raises(ValueError, match="data.task"):
+    datasets.load_dataset(_cfg(**{**cfg.to_dict(), "task": "sentiment"}))
 
 
 def test_shakespeare_missing_archive_raises(tmp_path):

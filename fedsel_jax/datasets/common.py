@@ -107,6 +107,18 @@ def _pad_id(tokenizer) -> int:
   return 0
 
 
+def mask_token(path: str) -> tuple[str, int]:
+  """(token, id) of the mask token of the tokenizer at ``path``: [MASK] or <mask>."""
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer = Tokenizer.from_file(path)
+  for token in ("[MASK]", "<mask>"):
+    if tokenizer.token_to_id(token) is not None:
+      return token, int(tokenizer.token_to_id(token))
+  raise ValueError(f"tokenizer {path} has neither [MASK] nor <mask>, which data.task="
+                   "'pronoun' needs")
+
+
 def tokenize(texts: Sequence[str] | Sequence[tuple[str, str]], path: str, max_len: int,
              cache_dir: str | None = None) -> tuple[np.ndarray, int]:
   """Token ids of each text (or text pair), padded and truncated to ``max_len``.
