@@ -67,8 +67,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
 
   c.client_optim = ml_collections.ConfigDict()
-  # Adam (fresh state every round): with SGD at 0.05 the 30 local steps of
-  # the demo left the model at the majority class.
+  # Adam with a fresh state every round. The head baseline uses the same
+  # optimizer; with lr 1e-2 instead it reached 0.335 (README).
   c.client_optim.name = "adam"   # sgd | momentum | adam | adamw
   c.client_optim.lr = 1e-3
   c.client_optim.momentum = 0.9
