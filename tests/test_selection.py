@@ -126,14 +126,14 @@ def test_penalty_is_pairwise_disagreement():
 
 
 def test_solve_p1_near_optimal_on_small_instances(small_instances):
-  """Gap = (opt - obj) / U with U = the lam = 0 optimum (sum of every client's
-  best affordable score), an upper bound on P1 (penalty >= 0); every P1 value
-  lies in [0, U] since the empty mask scores 0, so U is a scale that does not
-  vanish when opt does. The gap relative to opt is checked more loosely."""
+  """Issue 3's acceptance: always feasible, optimal on >= 95% of the
+  instances and within 2% of the optimum on all of them, the gap measured
+  relative to the optimum itself, (opt - obj) / opt. The optimum is >= 0
+  (the empty mask scores 0); where it is 0 the solver must score 0 too."""
   instances, brute, out = small_instances
   batch = pad_batch(instances)
   assert np.all(np.asarray(jax.vmap(sel.is_feasible)(out, *batch[1:3], batch[4])))
-  optimal, gaps, rel_gaps = 0, [], []
+  optimal, rel_gaps = 0, []
   for (s, c, b, lam), (_, opt), masks in zip(instances, brute, out):
     m, k = s.shape
     assert not masks[m:].any() and not masks[:, k:].any()  # padding stays off
@@ -142,11 +142,30 @@ def test_solve_p1_near_optimal_on_small_instances(small_instances):
     value = sel.p1_objective_np(masks, s, lam)
     assert value <= opt + 1e-6
     optimal += (opt - value) <= 1e-6 * max(1.0, abs(opt))
-    gaps.append((opt - value) / max(upper_bound(s, c, b), 1e-12))
-    rel_gaps.append((opt - value) / max(opt, 1e-12))
+    if opt > 1e-6:
+      rel_gaps.append((opt - value) / opt)
+    else:
+      assert value >= -1e-6, (s, c, b, lam)
   assert optimal >= 0.95 * len(instances)
-  assert max(gaps) <= 0.02
-  assert max(rel_gaps) <= 0.05
+  assert max(rel_gaps) <= 0.02
+
+
+# (seed, index) of instances of the quality study (random_instance, the
+# index-th draw of default_rng(seed); experiments/selection) where the solver
+# without insert kicks stopped 1-46% below the optimum: the cohort agreed on
+# a layer that no client could leave alone without losing.
+WRONG_CONSENSUS = [(5, 488), (11, 303), (1, 334), (5, 132), (20, 498), (30, 371),
+                   (29, 328)]
+
+
+@pytest.mark.parametrize("seed,index", WRONG_CONSENSUS)
+def test_solve_p1_leaves_a_wrong_consensus(seed, index):
+  rng = np.random.default_rng(seed)
+  for _ in range(index + 1):
+    scores, costs, budgets, lam = random_instance(rng)
+  _, opt = sel.solve_p1_brute(scores, costs, budgets, lam)
+  masks = solve_padded(scores, costs, budgets, lam)
+  assert sel.p1_objective_np(masks, scores, lam) == pytest.approx(opt, abs=1e-6)
 
 
 def test_padding_clients_change_nothing():
