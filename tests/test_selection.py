@@ -1,4 +1,5 @@
-"""Tests of fedsel_jax.selection: P1 solvers, baselines, budgets, cost model."""
+"""Tests of fedsel_jax.selection and fedsel_jax.solver: P1 solvers, baselines,
+budgets, cost model."""
 
 import itertools
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedsel_jax import selection as sel
+from fedsel_jax import solver
 
 PAD = 6  # small instances are padded to PAD x PAD for one vmapped solve
 PAD_COST = 1e9  # a padding layer never fits a budget
@@ -69,7 +71,7 @@ def upper_bound(scores, costs, budgets):
   """sum_i of client i's best score sum within budget (P1 at lam = 0)."""
   total = 0.0
   for s, b in zip(scores, budgets):
-    subsets = sel._feasible_subsets(np.asarray(costs, np.float64), float(b))
+    subsets = solver._feasible_subsets(np.asarray(costs, np.float64), float(b))
     total += float(np.max(subsets @ np.asarray(s, np.float64)))
   return total
 
@@ -92,7 +94,7 @@ def test_brute_matches_naive_enumeration():
   for _ in range(20):
     s, c, b, lam = random_instance(rng, max_clients=3, max_layers=3)
     best = -np.inf
-    per_client = [sel._feasible_subsets(c.astype(np.float64), bi) for bi in b]
+    per_client = [solver._feasible_subsets(c.astype(np.float64), bi) for bi in b]
     for combo in itertools.product(*per_client):
       best = max(best, sel.p1_objective_np(np.array(combo), s, lam))
     masks, value = sel.solve_p1_brute(s, c, b, lam)

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from fedsel_jax import selection as sel
+from fedsel_jax import solver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,8 +101,8 @@ def quality(num_seeds, pad=6):
       opt.append(sel.solve_p1_brute(s, c, b, lam)[1])
       value.append(sel.p1_objective_np(masks[:m, :k], s, lam))
       # U: the lam = 0 optimum, an upper bound on P1 (see the README).
-      bound.append(sum(float(np.max(sel._feasible_subsets(c.astype(np.float64), bi) @ si))
-                       for si, bi in zip(s.astype(np.float64), b)))
+      subsets = [solver._feasible_subsets(c.astype(np.float64), bi) for bi in b]
+      bound.append(sum(float(np.max(u @ si)) for u, si in zip(subsets, s.astype(np.float64))))
   opt, value, bound = map(np.asarray, (opt, value, bound))
   loss = opt - value
   return dict(instances=len(opt),
