@@ -121,3 +121,14 @@ def test_every_config_is_valid(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   train.validate_config(config)
   assert config.fl.clients_per_round <= (config.data.num_clients or 10**9)
+
+
+def test_load_config_reads_file_and_arg():
+  import configs
+  from configs import default as default_config
+  smoke = configs.load_config("configs/default.py:smoke")
+  assert smoke.to_dict() == default_config.get_config("smoke").to_dict()
+  digits = configs.load_config("configs/digits.py")
+  assert digits.to_dict() == digits_config.get_config().to_dict()
+  with pytest.raises(ValueError, match="smoke"):
+    configs.load_config("configs/default.py:bogus")

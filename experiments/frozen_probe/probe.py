@@ -17,7 +17,6 @@ test split. Writes ``results.json`` next to ``--out`` (default: this folder).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -29,17 +28,10 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from configs import load_config  # noqa: E402
 from fedsel_jax import train  # noqa: E402
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
-
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("probe_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
 
 
 def pooled_features(setup: train.Setup, x: np.ndarray, batch: int = 256) -> np.ndarray:
