@@ -176,6 +176,11 @@ def test_cloze_masks_the_first_pronoun_as_a_whole_word():
   assert shakespeare.cloze("O, what a rogue and peasant slave am I!", "[MASK]") == (
       "O, what a rogue and peasant slave am [MASK]!", shakespeare.PRONOUNS.index("i"))
   assert shakespeare.cloze("Who's there?", "[MASK]") is None
+  # i' = in (i' the, i'faith); I'll / I'd / I'm are I.
+  assert shakespeare.cloze("Done i' the blaze, i'faith; you see", "[MASK]") == (
+      "Done i' the blaze, i'faith; [MASK] see", shakespeare.PRONOUNS.index("you"))
+  assert shakespeare.cloze("I'll speak to it", "[MASK]") == (
+      "[MASK]'ll speak to it", shakespeare.PRONOUNS.index("i"))
 
 
 def test_shakespeare_pronoun_task_on_fixture(tmp_path):

@@ -98,7 +98,9 @@ TEST_FRACTION = 0.2
 GENRES = ("comedy", "history", "tragedy", "romance")
 TASKS = ("genre", "play", "pronoun")
 PRONOUNS = ("i", "me", "my", "thou", "thee", "thy", "you", "your")
-_PRONOUN = re.compile(r"\b(" + "|".join(PRONOUNS) + r")\b", re.IGNORECASE)
+# "i'" before anything but ll/d/m/ve is the old contraction of "in" (i' the, i'faith), not I.
+_PRONOUN = re.compile(r"\b(i(?!'(?!(?:ll|d|m|ve)\b))|" + "|".join(PRONOUNS[1:]) + r")\b",
+                      re.IGNORECASE)
 
 # (title in metadata.txt of the modern edition, play id, genre).
 PLAYS = (
