@@ -36,10 +36,11 @@ Examples and labels:
     window that contains one of the 8 pronouns of ``PRONOUNS`` (I, me, my, thou,
     thee, thy, you, your; whole words, any case) is an example: its first such
     pronoun is replaced by the tokenizer's mask token ([MASK] / <mask>) and the
-    label is that pronoun. Windows without a pronoun are not examples, nor are
-    those whose mask token falls beyond ``max_len`` (2 of 13,203 train lines of
-    the 60 largest roles at max_len 24, 144 at 16). Every role: 38,428 train /
-    10,005 test examples at 24 (703 roles with a train example). Solving it
+    label is that pronoun ("i'" before anything but ll/d/m/ve is "in", not I).
+    Windows without a pronoun are not examples, nor are those whose mask token
+    falls beyond ``max_len``: the 60 largest roles give 13,131 train / 3,664
+    test examples at max_len 24 (12,985 / 3,625 at 16); every role: 38,244 /
+    9,975 at 24 (703 roles with a train example). Solving it
     takes person (I / thou / you: verb agreement, address) and case (subject /
     object / possessive: syntax), which a mean-pooled sentence embedding keeps
     poorly; each role has its own mix of labels (whom it addresses, and how),
