@@ -126,9 +126,10 @@ def test_every_config_is_valid(name):
 def test_load_config_reads_file_and_arg():
   import configs
   from configs import default as default_config
-  smoke = configs.load_config("configs/default.py:smoke")
+  folder = os.path.dirname(os.path.abspath(configs.__file__))
+  smoke = configs.load_config(os.path.join(folder, "default.py") + ":smoke")
   assert smoke.to_dict() == default_config.get_config("smoke").to_dict()
-  digits = configs.load_config("configs/digits.py")
+  digits = configs.load_config(os.path.join(folder, "digits.py"))
   assert digits.to_dict() == digits_config.get_config().to_dict()
   with pytest.raises(ValueError, match="smoke"):
-    configs.load_config("configs/default.py:bogus")
+    configs.load_config(os.path.join(folder, "default.py") + ":bogus")
