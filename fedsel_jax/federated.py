@@ -1,17 +1,22 @@
 """Server state and the round factory: one jitted function per round.
 
-``round_fn(state, round_data, key) -> (state, metrics)``:
+``round_fn(state, round_data, key) -> (state, metrics)`` is a sequence of
+named top-level steps, each vectorising clients through
+:func:`scan_client_chunks` (a ``lax.scan`` over chunks of ``client_chunk``
+clients, vmapped inside):
 
-1. scores: the sampled clients' per-layer scores at theta^t (score-based
-   strategies, on re-selection rounds only);
-2. selection: masks ``bool[M, K]`` from a baseline or the P1 solver;
-3. local training: clients in chunks of ``client_chunk``, vmapped inside a
-   ``lax.scan`` over chunks, each chunk's deltas added straight into the
-   aggregation sums (memory does not grow with M); with ``backprop_cut``
-   clients are sorted by their lowest selected layer and each chunk runs a
-   variant whose backward pass stops below its lowest layer;
-4. per-layer masked aggregation and the server optimizer;
-5. diagnostics: E1/E2 from the clients' gradients at theta^t (optional).
+1. :func:`scores_step`: the sampled clients' per-layer scores at theta^t
+   (score-based strategies, on re-selection rounds only);
+2. :func:`selection_step`: masks ``bool[M, K]`` from a baseline or the P1
+   solver;
+3. :func:`train_step`: local training, each chunk's deltas added straight
+   into the aggregation sums (memory does not grow with M); with
+   ``backprop_cut`` clients are sorted by their lowest selected layer and
+   each chunk runs a variant whose backward pass stops below its lowest layer;
+4. ``aggregate.finalize`` + ``aggregate.server_step``: per-layer masked
+   aggregation and the server optimizer;
+5. :func:`diagnostics_step`: E1/E2 from the clients' gradients at theta^t
+   (optional).
 
 Masks, lambda, budgets and client data are arrays in ``round_data``: new
 values never recompile. The client axis of each chunk can be sharded over a
@@ -22,7 +27,7 @@ different devices and turns the aggregation sums into all-reduces.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -33,7 +38,6 @@ import optax
 from fedsel_jax import aggregate
 from fedsel_jax import client as client_lib
 from fedsel_jax import diagnostics
-from fedsel_jax import masks as masks_lib
 from fedsel_jax import scores as scores_lib
 from fedsel_jax import selection
 
@@ -115,6 +119,54 @@ def _chunks(tree: PyTree, chunk: int) -> PyTree:
   return jax.tree_util.tree_map(lambda a: a.reshape((-1, chunk) + a.shape[1:]), tree)
 
 
+def _identity(tree: PyTree) -> PyTree:
+  return tree
+
+
+def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree,
+                       clients: PyTree, chunk: int, *, init: PyTree = None,
+                       combine: Callable | None = None, branch: Callable | None = None,
+                       constrain: Callable = _identity) -> tuple[PyTree, PyTree]:
+  """``lax.scan`` over chunks of a per-client function vmapped over each chunk.
+
+  The one place a round vectorises clients: memory holds one chunk's
+  per-client outputs at a time, and ``combine`` folds them into a carry
+  (aggregation sums) before the next chunk.
+
+  Args:
+    client_fns: ``fn(shared, client) -> out`` for ONE client, or a static
+      list of variants of it (then ``branch`` picks one per chunk).
+    shared: pytree read by every client (unbatched, e.g. theta^t).
+    clients: pytree with leading axis Mp (client slots), Mp % chunk == 0.
+    chunk: clients vmapped together.
+    init: initial carry of ``combine``.
+    combine: ``combine(carry, outs, chunk_clients) -> (carry, kept)`` with
+      ``outs`` the chunk's outputs ``[C, ...]``; ``kept`` (leading axis C) is
+      stacked over all slots. Default: keep ``outs``, carry unchanged.
+    branch: ``branch(chunk_clients) -> int32`` index into ``client_fns``
+      (chunk-level ``lax.switch``; unbatched, so only one variant runs).
+    constrain: applied to each chunk's clients (sharding of the client axis).
+
+  Returns:
+    ``(carry, kept)`` with kept's leaves ``[Mp, ...]``.
+  """
+  fns = [client_fns] if callable(client_fns) else list(client_fns)
+  vmapped = [jax.vmap(f, in_axes=(None, 0)) for f in fns]
+  combine = combine or (lambda carry, outs, _: (carry, outs))
+
+  def body(carry, c):
+    c = constrain(c)
+    if branch is None:
+      outs = vmapped[0](shared, c)
+    else:
+      outs = jax.lax.switch(branch(c), vmapped, shared, c)
+    return combine(carry, outs, c)
+
+  carry, kept = jax.lax.scan(body, init, _chunks(clients, chunk))
+  mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
+  return carry, jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
+
+
 def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.Array,
                  budgets: jax.Array, lam: jax.Array, valid: jax.Array,
                  key: jax.Array, client_ids: jax.Array) -> jax.Array:
@@ -134,6 +186,175 @@ def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.A
   else:
     out = selection.select_topk_scores(normalised, costs, budgets, client_valid=valid)
   return out & valid[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundParts:
+  """Static pieces a round's steps share (built once by :func:`make_round_fn`).
+
+  Attributes:
+    settings: the static round settings.
+    loss_fn: ``loss(params, x, y, weights, key)``.
+    index: static leaf -> group table.
+    k: number of candidate layers K.
+    costs: f32[K] layer costs.
+    updates: per-client ``client_update`` variants; with ``backprop_cut``
+      variant c stops backprop below layer c (c = 0..K), else one variant.
+    constrain: sharding constraint of a chunk's client axis.
+  """
+
+  settings: RoundSettings
+  loss_fn: Callable
+  index: PyTree
+  k: int
+  costs: jax.Array
+  updates: tuple[Callable, ...]
+  constrain: Callable = _identity
+
+  def chunk_size(self, mp: int) -> int:
+    chunk = mp if self.settings.client_chunk <= 0 else min(self.settings.client_chunk, mp)
+    if mp % chunk:
+      raise ValueError(f"{mp} client slots do not split into chunks of {chunk}; "
+                       "pad with federated.padded_clients")
+    return chunk
+
+  def grad_stats_fn(self, n_max: int, second_moment: bool) -> Callable:
+    """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""
+    s = self.settings
+    return scores_lib.make_grad_stats_fn(
+        self.loss_fn, self.index, self.k, batch_size=s.batch_size,
+        num_batches=scores_lib.num_score_batches(n_max, s.batch_size, s.sel_batches),
+        second_moment=second_moment, unroll=s.unroll)
+
+
+def _client_data(rd: dict) -> dict:
+  return {f: rd[f] for f in ("x", "y", "mask", "num_examples")}
+
+
+def scores_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
+                score_key: jax.Array) -> jax.Array | None:
+  """f32[Mp, K] per-layer scores at theta^t (None for strategies without scores).
+
+  Skipped (zeros) when no sampled client needs a new mask this round.
+  """
+  kind = parts.settings.score_kind
+  if kind is None:
+    return None
+  ids = rd["client_ids"]
+  mp, k = ids.shape[0], parts.k
+  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], kind == "snr")
+
+  def client_scores(p, c):
+    stats = stats_fn(p, c["data"], c["key"])
+    return scores_lib.scores_from_stats(kind, stats, p, parts.index, k)
+
+  def compute(_):
+    keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
+    _, out = scan_client_chunks(client_scores, params, dict(data=_client_data(rd), key=keys),
+                                parts.chunk_size(mp), constrain=parts.constrain)
+    return out
+
+  return jax.lax.cond(jnp.any(need), compute, lambda _: jnp.zeros((mp, k), jnp.float32), None)
+
+
+def selection_step(parts: RoundParts, state: ServerState, rd: dict, scores: jax.Array | None,
+                   need: jax.Array, sel_key: jax.Array) -> tuple[jax.Array, dict]:
+  """Masks bool[Mp, K] of the round (fresh where needed, else kept) and their metrics."""
+  ids, valid = rd["client_ids"], rd["valid"]
+  old = jnp.take(state.client_masks, ids, axis=0, mode="fill", fill_value=False)
+  fresh = select_masks(parts.settings, scores, parts.costs, rd["budgets"], rd["lam"], valid,
+                       sel_key, ids)
+  masks = jnp.where(need[:, None], fresh, old) & valid[:, None]
+  metrics: dict[str, jax.Array] = {}
+  if scores is not None:
+    metrics["scores"] = scores
+    metrics["objective"] = selection.p1_objective(masks, selection.normalize_scores(scores),
+                                                  rd["lam"], client_valid=valid)
+  metrics["penalty"] = selection.p1_penalty(masks, rd["lam"], client_valid=valid)
+  # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
+  metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)
+  return masks, metrics
+
+
+def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
+               client_keys: jax.Array,
+               weights: jax.Array) -> tuple[aggregate.AggState, jax.Array]:
+  """Local training of every client, streamed chunk by chunk into the aggregation.
+
+  With ``backprop_cut`` the clients are sorted by their lowest selected layer
+  and each chunk runs the variant whose backward pass stops below the
+  chunk's lowest layer.
+
+  Returns:
+    ``(agg, losses f32[Mp])``: aggregation sums and each slot's mean loss.
+  """
+  k, cut = parts.k, parts.settings.backprop_cut
+  mp = masks.shape[0]
+  valid = rd["valid"]
+  order = jnp.argsort(jnp.where(valid, client_lib.lowest_selected(masks), k + 1)) if cut else \
+      jnp.arange(mp)
+  clients = jax.tree_util.tree_map(lambda a: a[order], dict(
+      data=_client_data(rd), masks=masks, keys=client_keys, weights=weights))
+  fns = [lambda p, c, u=u: u(p, c["data"], c["masks"], c["keys"]) for u in parts.updates]
+
+  def combine(agg, res, c):
+    agg = aggregate.accumulate(agg, res.delta, c["masks"], c["weights"], parts.index)
+    return agg, res.loss
+
+  def lowest_of_chunk(c):
+    return jnp.min(jnp.where(c["weights"] > 0, client_lib.lowest_selected(c["masks"]), k))
+
+  agg, losses = scan_client_chunks(fns, params, clients, parts.chunk_size(mp),
+                                   init=aggregate.init_aggregation(params, k), combine=combine,
+                                   branch=lowest_of_chunk if cut else None,
+                                   constrain=parts.constrain)
+  return agg, losses[jnp.argsort(order)]
+
+
+def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
+                     client_keys: jax.Array, p: jax.Array) -> dict:
+  """E1/E2 from the clients' gradients at theta^t; NaN when ``rd['diagnose']`` is False."""
+  index, k = parts.index, parts.k
+  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], False)
+
+  def combine(sums, grads, c):
+    return diagnostics.accumulate_grads(sums, grads, c["masks"], c["p"], index), None
+
+  def diagnose(_):
+    sums, _ = scan_client_chunks(
+        lambda prm, c: stats_fn(prm, c["data"], c["keys"])["mean_grad"], params,
+        dict(data=_client_data(rd), masks=masks, p=p, keys=client_keys),
+        parts.chunk_size(masks.shape[0]), init=diagnostics.init_grad_sums(params, k),
+        combine=combine, constrain=parts.constrain)
+    return diagnostics.error_terms(sums, index)
+
+  # NaN marks rounds without diagnostics (``diagnose`` False saves a pass).
+  skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                                   jax.eval_shape(diagnose, None))
+  return jax.lax.cond(rd.get("diagnose", True), diagnose, lambda _: skipped, None)
+
+
+def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
+                     client_opt: optax.GradientTransformation, costs: np.ndarray,
+                     settings: RoundSettings,
+                     client_sharding: jax.sharding.Sharding | None = None) -> RoundParts:
+  """The static :class:`RoundParts` of :func:`make_round_fn`."""
+  k = num_candidates
+  # `head` trains no candidate layer: a static cut at K skips the encoder's
+  # backward pass entirely, whatever backprop_cut says.
+  cuts = range(k + 1) if settings.backprop_cut else (k if settings.strategy == "head" else 0,)
+  updates = tuple(client_lib.make_client_update(loss_fn, client_opt, index,
+                                                local_steps=settings.local_steps,
+                                                batch_size=settings.batch_size, cut=c,
+                                                unroll=settings.unroll) for c in cuts)
+
+  def constrain(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.with_sharding_constraint(a, client_sharding), tree)
+
+  return RoundParts(settings=settings, loss_fn=loss_fn, index=index, k=k,
+                    costs=jnp.asarray(costs, jnp.float32), updates=updates,
+                    constrain=_identity if client_sharding is None else constrain)
 
 
 def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
@@ -162,125 +383,27 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     ``budgets f32[Mp]``, ``lam f32``, ``reselect bool`` and optionally
     ``diagnose bool`` (estimate E1/E2 this round; default True).
   """
-  k = num_candidates
-  costs = jnp.asarray(costs, jnp.float32)
-  # `head` trains no candidate layer: a static cut at K skips the encoder's
-  # backward pass entirely, whatever backprop_cut says.
-  cuts = range(k + 1) if settings.backprop_cut else (k if settings.strategy == "head" else 0,)
-  updates = [client_lib.make_client_update(loss_fn, client_opt, index,
-                                           local_steps=settings.local_steps,
-                                           batch_size=settings.batch_size, cut=c,
-                                           unroll=settings.unroll) for c in cuts]
-  chunk_updates = [jax.vmap(u, in_axes=(None, 0, 0, 0)) for u in updates]
-  score_kind = settings.score_kind
-
-  def constrain(tree):
-    if client_sharding is None:
-      return tree
-    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, client_sharding),
-                                  tree)
-
-  def stats_fn(n_max, second_moment):
-    fn = scores_lib.make_grad_stats_fn(
-        loss_fn, index, k, batch_size=settings.batch_size,
-        num_batches=scores_lib.num_score_batches(n_max, settings.batch_size,
-                                                 settings.sel_batches),
-        second_moment=second_moment, unroll=settings.unroll)
-    return jax.vmap(fn, in_axes=(None, 0, 0))
+  parts = make_round_parts(loss_fn, index, num_candidates, client_opt, costs, settings,
+                           client_sharding)
 
   def round_fn(state: ServerState, rd: dict, key: jax.Array):
     ids, valid = rd["client_ids"], rd["valid"]
-    mp = ids.shape[0]
-    chunk = mp if settings.client_chunk <= 0 else min(settings.client_chunk, mp)
-    if mp % chunk:
-      raise ValueError(f"{mp} client slots do not split into chunks of {chunk}; "
-                       "pad with federated.padded_clients")
-    data = {f: rd[f] for f in ("x", "y", "mask", "num_examples")}
+    parts.chunk_size(ids.shape[0])
     sel_key, train_key, score_key = jax.random.split(jax.random.fold_in(key, state.round), 3)
     client_keys = jax.vmap(lambda i: jax.random.fold_in(train_key, i))(ids)
     weights = jnp.where(valid, rd["num_examples"], 0).astype(jnp.float32)
     p = weights / jnp.maximum(jnp.sum(weights), 1.)
-    params = state.params
-
-    # 1-2. Scores and selection.
-    old = jnp.take(state.client_masks, ids, axis=0, mode="fill", fill_value=False)
     seen = jnp.take(state.seen, ids, mode="fill", fill_value=False)
     need = (rd["reselect"] | ~seen) & valid
-    metrics: dict[str, jax.Array] = {}
-    if score_kind is not None:
-      score_clients = stats_fn(rd["mask"].shape[1], score_kind == "snr")
-      score_keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
 
-      def compute_scores(_):
-        def body(_, inputs):
-          d, kk = inputs
-          stats = score_clients(params, constrain(d), kk)
-          return None, jax.vmap(lambda s: scores_lib.scores_from_stats(
-              score_kind, s, params, index, k))(stats)
-        _, out = jax.lax.scan(body, None, (_chunks(data, chunk), _chunks(score_keys, chunk)))
-        return out.reshape(mp, k)
-
-      scores = jax.lax.cond(jnp.any(need), compute_scores,
-                            lambda _: jnp.zeros((mp, k), jnp.float32), None)
-      metrics["scores"] = scores
-    else:
-      scores = None
-    fresh = select_masks(settings, scores, costs, rd["budgets"], rd["lam"], valid, sel_key,
-                         ids)
-    masks = jnp.where(need[:, None], fresh, old) & valid[:, None]
-    if scores is not None:
-      normalised = selection.normalize_scores(scores)
-      metrics["objective"] = selection.p1_objective(masks, normalised, rd["lam"],
-                                                    client_valid=valid)
-    metrics["penalty"] = selection.p1_penalty(masks, rd["lam"], client_valid=valid)
-    # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
-    metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)
-
-    # 3. Local training, streamed into the aggregation.
-    lowest = client_lib.lowest_selected(masks)
-    order = jnp.argsort(jnp.where(valid, lowest, k + 1)) if settings.backprop_cut else \
-        jnp.arange(mp)
-    train = dict(data=jax.tree_util.tree_map(lambda a: a[order], data), masks=masks[order],
-                 keys=client_keys[order], weights=weights[order])
-
-    def train_chunk(agg, c):
-      d = constrain(c["data"])
-      if settings.backprop_cut:
-        cut = jnp.min(jnp.where(c["weights"] > 0, client_lib.lowest_selected(c["masks"]), k))
-        res = jax.lax.switch(cut, chunk_updates, params, d, c["masks"], c["keys"])
-      else:
-        res = chunk_updates[0](params, d, c["masks"], c["keys"])
-      agg = aggregate.accumulate(agg, res.delta, c["masks"], c["weights"], index)
-      return agg, res.loss
-
-    agg, losses = jax.lax.scan(train_chunk, aggregate.init_aggregation(params, k),
-                               _chunks(train, chunk))
-    losses = losses.reshape(mp)[jnp.argsort(order)]
-
-    # 4. Aggregation and server step.
+    scores = scores_step(parts, state.params, rd, need, score_key)
+    masks, metrics = selection_step(parts, state, rd, scores, need, sel_key)
+    agg, losses = train_step(parts, state.params, rd, masks, client_keys, weights)
     mean_delta, covered = aggregate.finalize(agg, index)
-    new_params, opt_state = aggregate.server_step(params, state.opt_state, mean_delta,
+    new_params, opt_state = aggregate.server_step(state.params, state.opt_state, mean_delta,
                                                   covered, server_opt)
-
-    # 5. Diagnostics at theta^t.
     if settings.diagnostics:
-      grad_clients = stats_fn(rd["mask"].shape[1], False)
-
-      def diag_chunk(sums, c):
-        stats = grad_clients(params, constrain(c["data"]), c["keys"])
-        return diagnostics.accumulate_grads(sums, stats["mean_grad"], c["masks"], c["p"],
-                                            index), None
-
-      def diagnose(_):
-        sums, _ = jax.lax.scan(diag_chunk, diagnostics.init_grad_sums(params, k),
-                               _chunks(dict(data=data, masks=masks, p=p, keys=client_keys),
-                                       chunk))
-        return diagnostics.error_terms(sums, index)
-
-      # NaN marks rounds without diagnostics (``diagnose`` False saves a pass).
-      skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
-                                       jax.eval_shape(diagnose, None))
-      metrics.update(jax.lax.cond(rd.get("diagnose", True), diagnose, lambda _: skipped, None))
+      metrics.update(diagnostics_step(parts, state.params, rd, masks, client_keys, p))
 
     metrics.update(train_loss=jnp.sum(p * losses), client_loss=losses, masks=masks,
                    coverage=agg.coverage)
