@@ -15,6 +15,7 @@ Then:
     python -m fedsel_jax.main --config configs/cifar10_clip.py --workdir runs/cifar10_clip \
         --config.model.pretrained=/path/to/clip-vit-base-patch32
 Missing data or weights end with one ``error:`` line naming the path.
+``configs/cifar10_clip.py:smoke`` is a seconds-long run on the same data and weights.
 """
 
 from configs import default
@@ -35,6 +36,8 @@ def get_config(arg: str = ""):
   c.fl.clients_per_round = 20
   c.fl.client_chunk = 10
   c.selection.lam = 0.05
-  if arg:
-    raise ValueError(f"configs/cifar10_clip.py takes no argument, got {arg!r}")
+  if arg == "smoke":
+    default.smoke_run(c)
+  elif arg:
+    raise ValueError(f"configs/cifar10_clip.py takes '' or 'smoke', got {arg!r}")
   return c

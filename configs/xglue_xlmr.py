@@ -30,6 +30,8 @@ def get_config(arg: str = ""):
   c.fl.clients_per_round = 10
   c.fl.batch_size = 32
   c.fl.client_chunk = 5
-  if arg:
-    raise ValueError(f"configs/xglue_xlmr.py takes no argument, got {arg!r}")
+  if arg == "smoke":
+    default.smoke_run(c)
+  elif arg:
+    raise ValueError(f"configs/xglue_xlmr.py takes '' or 'smoke', got {arg!r}")
   return c

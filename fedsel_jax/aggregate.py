@@ -133,3 +133,45 @@ def server_step(params: PyTree, opt_state: Any, mean_delta: PyTree, covered: PyT
   params = jax.tree_util.tree_map(
       lambda c, p, u: jnp.where(c, p + u.astype(p.dtype), p), covered, params, updates)
   return params, opt_state
+
+
+def finite_clients(deltas: PyTree, losses: jax.Array) -> jax.Array:
+  """bool[C]: the clients whose loss and every delta entry are finite.
+
+  Args:
+    deltas: pytree with a leading client axis ``[C, ...]``.
+    losses: f32[C] the clients' training losses.
+  """
+  ok = jnp.isfinite(losses)
+  for d in jax.tree_util.tree_leaves(deltas):
+    ok = ok & jnp.all(jnp.isfinite(d.reshape(d.shape[0], -1)), axis=1)
+  return ok
+
+
+def drop_nonfinite(deltas: PyTree, masks: jax.Array, weights: jax.Array, ok: jax.Array
+                   ) -> tuple[PyTree, jax.Array, jax.Array]:
+  """Leaves clients with ``ok`` False out of the aggregate.
+
+  Their weight becomes 0, their mask empty and their delta 0 (a NaN times a
+  zero weight is still NaN in the weighted sums, so the delta itself must go).
+
+  Returns:
+    ``(deltas, masks, weights)`` to pass to :func:`accumulate`.
+  """
+  def zero(d):
+    return jnp.where(ok.reshape((-1,) + (1,) * (d.ndim - 1)), d, jnp.zeros((), d.dtype))
+  return (jax.tree_util.tree_map(zero, deltas), masks & ok[:, None],
+          jnp.where(ok, weights, 0.))
+
+
+def keep_if_finite(new: PyTree, old: PyTree, accept: jax.Array) -> tuple[PyTree, jax.Array]:
+  """``new`` where it is finite everywhere and ``accept`` holds, else ``old``.
+
+  The server's guard: a round whose aggregate would make any parameter
+  non-finite (or in which no client returned a finite update) changes
+  nothing. Returns ``(tree, applied bool scalar)``.
+  """
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+  applied = finite & accept
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, old), applied

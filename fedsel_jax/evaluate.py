@@ -14,9 +14,9 @@ from fedsel_jax.client import cross_entropy
 def make_eval_fn(apply_fn: Callable, batch_size: int) -> Callable:
   """Builds ``evaluate(params, x, y) -> {'loss', 'accuracy'}`` (host floats).
 
-  The test set is cut into batches of ``batch_size``; the last one is padded
-  and its padding weighs 0, so every example counts exactly once and only one
-  shape is compiled.
+  The test set is cut into batches of ``min(batch_size, n)``; the last one
+  is padded with zeros that weigh 0, so every example counts exactly once
+  and one shape is compiled per test-set size (any size >= 1 works).
   """
 
   @jax.jit
@@ -28,13 +28,16 @@ def make_eval_fn(apply_fn: Callable, batch_size: int) -> Callable:
 
   def evaluate(params, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     n = len(y)
-    pad = (-n) % batch_size
-    xp = np.concatenate([x, x[:pad]]) if pad else x
-    yp = np.concatenate([y, y[:pad]]) if pad else y
+    if n == 0:
+      raise ValueError("the test set is empty")
+    size = min(batch_size, n)
+    pad = (-n) % size
+    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    yp = np.concatenate([y, np.zeros((pad,), y.dtype)]) if pad else y
     w = (np.arange(n + pad) < n).astype(np.float32)
     loss = correct = 0.
-    for s in range(0, n + pad, batch_size):
-      sl = slice(s, s + batch_size)
+    for s in range(0, n + pad, size):
+      sl = slice(s, s + size)
       l, c = batch_sums(params, xp[sl], yp[sl].astype(np.int32), w[sl])
       loss, correct = loss + float(l), correct + float(c)
     return {"loss": loss / n, "accuracy": correct / n}

@@ -285,8 +285,12 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   and each chunk runs the variant whose backward pass stops below the
   chunk's lowest layer.
 
+  A client whose loss or delta is not finite is left out of the sums
+  (:func:`aggregate.drop_nonfinite`).
+
   Returns:
-    ``(agg, losses f32[Mp])``: aggregation sums and each slot's mean loss.
+    ``(agg, losses f32[Mp], finite bool[Mp])``: aggregation sums, each slot's
+    mean loss and whether its update was finite (and so aggregated).
   """
   k, cut = parts.k, parts.settings.backprop_cut
   mp = masks.shape[0]
@@ -298,17 +302,20 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   fns = [lambda p, c, u=u: u(p, c["data"], c["masks"], c["keys"]) for u in parts.updates]
 
   def combine(agg, res, c):
-    agg = aggregate.accumulate(agg, res.delta, c["masks"], c["weights"], parts.index)
-    return agg, res.loss
+    ok = aggregate.finite_clients(res.delta, res.loss)
+    delta, chunk_masks, chunk_weights = aggregate.drop_nonfinite(res.delta, c["masks"],
+                                                                 c["weights"], ok)
+    agg = aggregate.accumulate(agg, delta, chunk_masks, chunk_weights, parts.index)
+    return agg, (res.loss, ok)
 
   def lowest_of_chunk(c):
     return jnp.min(jnp.where(c["weights"] > 0, client_lib.lowest_selected(c["masks"]), k))
 
-  agg, losses = scan_client_chunks(fns, params, clients, parts.chunk_size(mp),
-                                   init=aggregate.init_aggregation(params, k), combine=combine,
-                                   branch=lowest_of_chunk if cut else None,
-                                   constrain=parts.constrain)
-  return agg, losses[jnp.argsort(order)]
+  agg, (losses, ok) = scan_client_chunks(
+      fns, params, clients, parts.chunk_size(mp), init=aggregate.init_aggregation(params, k),
+      combine=combine, branch=lowest_of_chunk if cut else None, constrain=parts.constrain)
+  back = jnp.argsort(order)
+  return agg, losses[back], ok[back]
 
 
 def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
@@ -398,15 +405,23 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
 
     scores = scores_step(parts, state.params, rd, need, score_key)
     masks, metrics = selection_step(parts, state, rd, scores, need, sel_key)
-    agg, losses = train_step(parts, state.params, rd, masks, client_keys, weights)
+    agg, losses, finite = train_step(parts, state.params, rd, masks, client_keys, weights)
     mean_delta, covered = aggregate.finalize(agg, index)
     new_params, opt_state = aggregate.server_step(state.params, state.opt_state, mean_delta,
                                                   covered, server_opt)
+    # A round with no finite client update, or whose step would make the
+    # model non-finite, changes neither the model nor the server optimizer.
+    (new_params, opt_state), applied = aggregate.keep_if_finite(
+        (new_params, opt_state), (state.params, state.opt_state), jnp.any(finite & valid))
     if settings.diagnostics:
       metrics.update(diagnostics_step(parts, state.params, rd, masks, client_keys, p))
 
-    metrics.update(train_loss=jnp.sum(p * losses), client_loss=losses, masks=masks,
-                   coverage=agg.coverage)
+    good = finite & valid
+    p_good = jnp.where(good, p, 0.)
+    metrics.update(train_loss=jnp.where(jnp.any(good), jnp.sum(jnp.where(good, p * losses, 0.))
+                                        / jnp.maximum(jnp.sum(p_good), 1e-30), jnp.nan),
+                   client_loss=losses, masks=masks, coverage=agg.coverage,
+                   clients_nonfinite=jnp.sum(valid & ~finite), round_skipped=~applied)
     new_state = ServerState(
         params=new_params, opt_state=opt_state, round=state.round + 1,
         client_masks=state.client_masks.at[ids].set(masks, mode="drop"),

@@ -1,72 +1,186 @@
 """Command line: ``python -m fedsel_jax.main --config configs/NAME.py[:ARG] --workdir DIR``.
 
 Any config field can be overridden: ``--config.selection.lam=0.1``. Rerunning
-the same command on an existing DIR resumes from its last checkpoint. Bad
-input (an unknown name, an impossible budget, missing data) ends with one
-``error: ...`` line and exit code 2 before any compute.
+the same command on an existing DIR resumes from its newest intact
+checkpoint; another config on the same DIR is refused (``--restart`` moves the
+old run aside and starts over). ``--check_only`` validates everything (config,
+data, model, one traced round) and exits without training.
+
+What a user gets (never a traceback):
+
+* bad input, missing data, a workdir in use or holding another run: one
+  ``error: ...`` line, exit code 2, before any compute;
+* ``fl.max_bad_rounds`` rounds in a row without a finite update: one
+  ``error: training diverged ...`` line, exit code 3, the checkpoints intact;
+* SIGINT / SIGTERM: ``interrupted at round r; rerun the same command to
+  resume``, exit code 130 / 143;
+* an I/O failure (disk full, permission): one ``error:`` line naming the
+  path, exit code 2, earlier checkpoints intact;
+* anything else is a bug: one ``error: internal error ...`` line naming the
+  file that holds the traceback, exit code 1.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import time
+import traceback
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, plots and checkpoints go.")
+USAGE = ("usage: python -m fedsel_jax.main --config configs/NAME.py[:ARG] --workdir DIR "
+         "[--restart] [--check_only] [--config.FIELD=VALUE ...]")
+FLAGS = {"config": True, "workdir": True, "restart": False, "check_only": False, "help": False}
 
 
-def run(config, workdir: str) -> list[dict]:
-  """Runs the configured strategy and each of ``config.compare_strategies``."""
+def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> list[dict]:
+  """Runs the configured strategy and each of ``config.compare_strategies``.
+
+  Every run's config is validated and every workdir claimed (locked and
+  checked against its fingerprint) before the first one computes.
+  """
+  from fedsel_jax import datasets
   from fedsel_jax import plots
   from fedsel_jax import train
 
-  strategies = [config.selection.strategy] + [
-      s for s in config.compare_strategies if s != config.selection.strategy]
-  configs = []
-  for s in strategies:   # validate every run before the first one computes
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.selection.strategy = s
-    train.validate_config(c)
-    configs.append(c)
-  results = []
-  for i, c in enumerate(configs):
-    sub = workdir if i == 0 else os.path.join(workdir, "compare", c.selection.strategy)
-    print(f"== {c.selection.strategy}: {sub}", flush=True)
-    try:   # everything Setup checks (partition, budgets, costs) comes before compute
-      setup = train.Setup(c)
-    except ValueError as e:
-      raise train.ConfigError(str(e)) from e
-    results.append(dict(train.train_and_evaluate(c, sub, setup=setup), workdir=sub))
-  print(plots.results_table(results), flush=True)
+  configs = strategy_configs(config)
+  for c in configs:
+    datasets.check_available(c.data)
+  subs = [workdir if i == 0 else os.path.join(workdir, "compare", c.selection.strategy)
+          for i, c in enumerate(configs)]
+  locks = []
+  try:
+    for c, sub in zip(configs, subs):
+      locks.append(train.claim_workdir(c, sub, restart=restart and not locks, quiet=quiet))
+    results = []
+    for c, sub, lock in zip(configs, subs, locks):
+      if not quiet:
+        print(f"== {c.selection.strategy}: {sub}", flush=True)
+      setup = make_setup(c)
+      results.append(dict(train.train_and_evaluate(c, sub, setup=setup, quiet=quiet, lock=lock),
+                          workdir=sub))
+  finally:
+    for lock in locks:
+      lock.release()
+  if not quiet:
+    print(plots.results_table(results), flush=True)
   plots.write_run_plots(workdir, [r["workdir"] for r in results],
                         [r["strategy"] for r in results])
   return results
 
 
-def main(argv):
-  del argv
+def strategy_configs(config) -> list:
+  """The validated config of the main run and of each compared strategy."""
+  from fedsel_jax import train
+  strategies = [config.selection.strategy] + [
+      s for s in config.compare_strategies if s != config.selection.strategy]
+  configs = []
+  for s in strategies:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.selection.strategy = s
+    train.validate_config(c)
+    configs.append(c)
+  return configs
+
+
+def make_setup(config):
+  """``train.Setup`` with its data- and model-dependent checks as ConfigError."""
+  from fedsel_jax import errors
+  from fedsel_jax import train
+  try:
+    return train.Setup(config)
+  except errors.UserError:
+    raise
+  except ValueError as e:   # partition, budgets, costs: checked before any round
+    raise errors.ConfigError(str(e)) from e
+
+
+def check_only(config) -> None:
+  """Validates every run and traces one round of each (no compile, no training)."""
+  import jax
+  for c in strategy_configs(config):
+    setup = make_setup(c)
+    jax.eval_shape(setup.round_fn, setup.initial_state(), setup.round_data(0),
+                   jax.random.key(c.seed))
+  print("ok: the config is valid and a round traces", flush=True)
+
+
+def parse(argv: list[str]):
+  """(config, workdir, restart, check_only) from the arguments, or ConfigError."""
+  from fedsel_jax import cli
+  from fedsel_jax import errors
+  from fedsel_jax import validate
+  values, overrides = cli.split_argv(argv, FLAGS)
+  if values.get("help"):
+    print(USAGE)
+    sys.exit(0)
+  if not values.get("config"):
+    raise errors.ConfigError(f"--config is required; {USAGE}")
+  if not values.get("workdir") and not values.get("check_only"):
+    raise errors.ConfigError(f"--workdir is required; {USAGE}")
+  config = cli.load_config(values["config"])
+  cli.apply_overrides(config, overrides)
+  validate.validate_config(config)
+  return config, values.get("workdir"), bool(values.get("restart")), bool(
+      values.get("check_only"))
+
+
+def _crash_log(workdir: str | None) -> str:
+  text = traceback.format_exc()
+  for folder in (workdir, tempfile.gettempdir()):
+    if not folder:
+      continue
+    path = os.path.join(folder, f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    try:
+      os.makedirs(folder, exist_ok=True)
+      with open(path, "w") as f:
+        f.write(text)
+      return path
+    except OSError:
+      continue
+  return "(no writable folder for it)"
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command; returns the exit code (see the module docstring)."""
+  argv = sys.argv[1:] if argv is None else argv
+  from fedsel_jax import errors
+  from fedsel_jax import signals
+  workdir = None
+  try:
+    with signals.handle_signals():
+      _quiet_libraries()
+      config, workdir, restart, only_check = parse(argv)
+      if only_check:
+        check_only(config)
+      else:
+        run(config, workdir, restart=restart)
+    return 0
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except errors.Interrupted as e:
+    where = f"at round {e.round_idx}" if e.round_idx is not None else "before the first round"
+    print(f"interrupted {where}; rerun the same command to resume", file=sys.stderr, flush=True)
+    return e.exit_code
+  except OSError as e:
+    path = e.filename or workdir or "?"
+    print(f"error: cannot read or write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+    return 2
+  except Exception as e:   # a bug: one line, the traceback in a file
+    log = _crash_log(workdir)
+    print(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+          f" (a bug; traceback in {log})", file=sys.stderr, flush=True)
+    return 1
+
+
+def _quiet_libraries() -> None:
+  from absl import logging
   logging.set_verbosity(logging.WARNING)   # keep library INFO chatter off the console
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    print("error: --config and --workdir are required, e.g. "
-          "--config configs/default.py --workdir runs/default", file=sys.stderr)
-    sys.exit(2)
-  from fedsel_jax import train
-  from fedsel_jax.datasets.base import DataMissingError
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, DataMissingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import math
 import os
 import sys
 import time
@@ -18,60 +18,28 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from fedsel_jax import checkpoints as checkpoints_lib
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
+from fedsel_jax import errors
 from fedsel_jax import federated
 from fedsel_jax import masks as masks_lib
 from fedsel_jax import models
 from fedsel_jax import selection
+from fedsel_jax import signals
+from fedsel_jax import validate
+from fedsel_jax import workdir as workdir_lib
 from fedsel_jax.evaluate import make_eval_fn
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-COSTS = ("unit", "params", "flops")
-BUDGETS = ("fixed", "uniform", "truncnorm")
+# Re-exported: callers and tests use train.ConfigError / train.validate_config.
+ConfigError = errors.ConfigError
+validate_config = validate.validate_config
 
 
-class ConfigError(ValueError):
-  """A config field has a value outside its allowed set."""
-
-
-def _allowed(field: str, value: Any, allowed) -> None:
-  if value not in allowed:
-    raise ConfigError(f"{field} must be one of {list(allowed)}, got {value!r}")
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field whose bad value could waste compute; raises ConfigError."""
-  _allowed("selection.strategy", config.selection.strategy, federated.STRATEGIES)
-  _allowed("model.name", config.model.name, models.MODELS)
-  _allowed("data.name", config.data.name, datasets.SOURCES)
-  _allowed("data.partition", config.data.partition, data_lib.PARTITIONS)
-  _allowed("client_optim.name", config.client_optim.name, OPTIMIZERS)
-  _allowed("server_optim.name", config.server_optim.name, OPTIMIZERS)
-  _allowed("selection.cost", config.selection.cost, COSTS)
-  _allowed("selection.budget.kind", config.selection.budget.kind, BUDGETS)
-  _allowed("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16"))
-  if config.data.partition == "dirichlet" and not config.data.alpha > 0:
-    raise ConfigError(f"data.alpha must be > 0, got {config.data.alpha}")
-  fl = config.fl
-  for field in ("num_rounds", "clients_per_round", "local_steps", "batch_size"):
-    if int(fl[field]) < 1:
-      raise ConfigError(f"fl.{field} must be >= 1, got {fl[field]}")
-  n = config.data.num_clients
-  if n and fl.clients_per_round > n:
-    raise ConfigError(f"fl.clients_per_round={fl.clients_per_round} exceeds "
-                      f"data.num_clients={n}")
-  lam = config.selection.lam
-  if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-    raise ConfigError(f"selection.lam must be a finite number >= 0, got {lam!r}")
-  if config.selection.sel_gap < 1:
-    raise ConfigError(f"selection.sel_gap must be >= 1, got {config.selection.sel_gap}")
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, prefix: str) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optax optimizer of ``client_optim`` / ``server_optim`` (checked by validate)."""
   name = cfg.name
-  _allowed(f"{prefix}.name", name, OPTIMIZERS)
   if name == "sgd":
     return optax.sgd(cfg.lr)
   if name == "momentum":
@@ -100,6 +68,8 @@ class Setup:
       raise ConfigError(f"fl.clients_per_round={config.fl.clients_per_round} exceeds the "
                         f"{n} clients of this partition (data.num_clients)")
     self.test_x, self.test_y = ds.test_x, ds.test_y
+    x = ds.train_x.reshape(len(ds.train_x), -1)
+    self.nonfinite_rows = int(np.sum(~np.isfinite(x).all(1))) if x.dtype.kind == "f" else 0
     max_test = config.data.get("max_test", 0)
     if max_test and len(self.test_y) > max_test:
       keep = np.sort(np.random.default_rng(seed).choice(len(self.test_y), max_test, False))
@@ -127,8 +97,8 @@ class Setup:
                         f"layers of model {config.model.name!r}")
     selection.check_budgets(self.budgets, self.costs)
 
-    self.client_opt = make_optimizer(config.client_optim, "client_optim")
-    self.server_opt = make_optimizer(config.server_optim, "server_optim")
+    self.client_opt = make_optimizer(config.client_optim)
+    self.server_opt = make_optimizer(config.server_optim)
     fl = config.fl
     self.settings = federated.RoundSettings(
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
@@ -189,27 +159,23 @@ def client_sharding(config) -> jax.sharding.Sharding | None:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
 
 
-def _checkpointer(workdir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def _read_rows(path: str, upto: int) -> list[dict]:
-  """Rows of an existing metrics.csv with round < upto (the part a resume keeps)."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [r for r in csv.DictReader(f) if int(r["round"]) < upto]
-
-
-def _write_rows(path: str, rows: list[dict]) -> None:
+def _rows_csv(rows: list[dict]) -> str:
+  """The metrics rows as CSV text (the content of metrics.csv)."""
+  out = io.StringIO()
   fields = list(dict.fromkeys(k for r in rows for k in r))
+  w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+  w.writeheader()
+  w.writerows(rows)
+  return out.getvalue() if rows else ""
+
+
+def _parse_rows(text: str) -> list[dict]:
+  return list(csv.DictReader(io.StringIO(text))) if text else []
+
+
+def _write_atomic(path: str, write) -> None:
   tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
+  write(tmp)
   os.replace(tmp, path)
 
 
@@ -218,7 +184,9 @@ def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
   row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),
                          "test_loss": "" if ev is None else ev["loss"],
                          "test_accuracy": "" if ev is None else ev["accuracy"],
-                         "seconds": round(seconds, 4)}
+                         "seconds": round(seconds, 4),
+                         "clients_nonfinite": int(metrics["clients_nonfinite"]),
+                         "round_skipped": int(bool(metrics["round_skipped"]))}
   for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq"):
     if key in metrics:
       value = float(metrics[key])
@@ -228,37 +196,164 @@ def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
   return row
 
 
+class _Run:
+  """The mutable host-side record of a run: rows, selection history, files."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.workdir = workdir
+    self.config = config
+    self.fingerprint = workdir_lib.fingerprint(config)["sha256"]
+    self.ckpts = checkpoints_lib.RunCheckpoints(workdir, config.checkpoint_keep)
+    self.rows: list[dict] = []
+    self.history: dict[str, list] = {"masks": [], "scores": []}
+
+  def resume(self, initial: federated.ServerState, quiet: bool):
+    """(first round to run, state) after restoring the newest intact checkpoint."""
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, initial)
+    got = self.ckpts.restore_latest(abstract)
+    if got is None:
+      return 0, initial
+    start, state, rows_csv, history = got
+    if start > self.config.fl.num_rounds:
+      raise ConfigError(f"fl.num_rounds={self.config.fl.num_rounds} is below the {start} "
+                        f"rounds already done in {self.workdir}; raise it, or use --restart "
+                        "or another --workdir")
+    self.rows = _parse_rows(rows_csv)
+    self.history = {k: list(v) for k, v in history.items()}
+    self.history.setdefault("scores", [])
+    if not quiet:
+      print(f"resuming {self.workdir} from round {start}", flush=True)
+    # The checkpoint is the source of truth: files written after it are redone.
+    self.write_files()
+    return start, jax.device_put(state)
+
+  def history_arrays(self) -> dict[str, np.ndarray]:
+    return {k: np.stack(v) for k, v in self.history.items() if v}
+
+  def write_files(self) -> None:
+    text = _rows_csv(self.rows)
+
+    def write_csv(tmp):
+      with open(tmp, "w", newline="") as f:
+        f.write(text)
+    _write_atomic(os.path.join(self.workdir, "metrics.csv"), write_csv)
+    arrays = self.history_arrays()
+    sel = os.path.join(self.workdir, "selection.npz")
+    if arrays:
+      def write_npz(tmp):
+        with open(tmp, "wb") as f:
+          np.savez(f, **arrays)
+      _write_atomic(sel, write_npz)
+
+  def checkpoint(self, step: int, state: federated.ServerState) -> None:
+    with signals.critical():
+      self.write_files()
+      self.ckpts.save(step, state, _rows_csv(self.rows), self.history_arrays(),
+                      self.fingerprint)
+
+
+class _Divergence:
+  """Counts rounds in a row that changed nothing because every update was non-finite."""
+
+  def __init__(self, config: ml_collections.ConfigDict, setup: "Setup", workdir: str):
+    self.config, self.setup, self.workdir = config, setup, workdir
+    self.bad_in_a_row = 0
+    self.warned = False
+    self.last_saved = None
+
+  def observe(self, t: int, metrics: dict, quiet: bool) -> None:
+    bad_clients = int(metrics["clients_nonfinite"])
+    if bad_clients and not self.warned and not quiet:
+      self.warned = True
+      print(f"warning: round {t}: {bad_clients} of {self.config.fl.clients_per_round} clients "
+            "returned a non-finite loss or update and were left out of the aggregate "
+            "(counted per round in metrics.csv, clients_nonfinite)", file=sys.stderr, flush=True)
+    self.bad_in_a_row = self.bad_in_a_row + 1 if bool(metrics["round_skipped"]) else 0
+    limit = self.config.fl.max_bad_rounds
+    if self.bad_in_a_row >= limit:
+      saved = f"round {self.last_saved}" if self.last_saved is not None else "none yet"
+      raise errors.DivergedError(
+          f"training diverged: rounds {t - limit + 1}-{t} changed nothing (every update "
+          f"non-finite, fl.max_bad_rounds={limit}); likely cause: {self.cause(metrics)}; "
+          f"the last checkpoint ({saved}) in {self.workdir}/checkpoints holds finite weights")
+
+  def cause(self, metrics: dict) -> str:
+    c = self.config
+    if self.setup.nonfinite_rows:
+      return (f"{self.setup.nonfinite_rows} training examples hold NaN or inf "
+              f"(data.name={c.data.name!r})")
+    lrs = (f"client_optim.lr={c.client_optim.lr:g} ({c.client_optim.name}), "
+           f"server_optim.lr={c.server_optim.lr:g} ({c.server_optim.name})")
+    if int(metrics["clients_nonfinite"]) == 0:
+      return f"the server step overflowed: server_optim.lr too large ({lrs})"
+    return f"a learning rate too large for this model ({lrs})"
+
+  @property
+  def in_streak(self) -> bool:
+    """True while rounds change nothing: no checkpoint then, so the last one
+    written before the streak survives ``checkpoint_keep``."""
+    return self.bad_in_a_row > 0
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  restart: bool = False, quiet: bool = False) -> workdir_lib.Lock:
+  """Locks ``workdir`` for this run and checks it holds this run or none.
+
+  With ``restart`` a previous run is moved aside first. Returns the held
+  lock. Writes the fingerprint and config.json only after the check.
+  """
+  path = workdir_lib.check_path(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise errors.WorkdirError(f"cannot create --workdir {path}: {e.strerror}") from e
+  lock = workdir_lib.Lock(path)
+  lock.acquire()
+  try:
+    if restart:
+      moved = workdir_lib.restart(path)
+      if moved and not quiet:
+        print(f"moved the previous run in {path} to {moved}", flush=True)
+    if workdir_lib.check_fingerprint(path, config):
+      done = workdir_lib.rounds_done(path)
+      if done > config.fl.num_rounds:
+        raise ConfigError(f"fl.num_rounds={config.fl.num_rounds} is below the {done} rounds "
+                          f"already done in {path}; raise it, or use --restart or another "
+                          "--workdir")
+    workdir_lib.write_run_files(path, config)
+  except BaseException:
+    lock.release()
+    raise
+  return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       setup: Setup | None = None, quiet: bool = False) -> dict[str, Any]:
+                       setup: Setup | None = None, quiet: bool = False,
+                       restart: bool = False, lock: workdir_lib.Lock | None = None
+                       ) -> dict[str, Any]:
   """Runs (or resumes) a federated run in ``workdir``; returns the final metrics.
 
-  Writes ``config.json``, ``metrics.csv`` (one row per round),
-  ``selection.npz`` (masks and scores per round) and orbax checkpoints in
-  ``checkpoints/``; a second call on the same workdir resumes from the last
-  checkpoint and reproduces the uninterrupted run.
+  Writes ``fingerprint.json``, ``config.json``, ``metrics.csv`` (one row per
+  round), ``selection.npz`` (masks and scores per round) and orbax
+  checkpoints in ``checkpoints/``. A second call on the same workdir with
+  the same config resumes from the newest intact checkpoint and reproduces
+  the uninterrupted run; another config is refused (``restart`` moves the
+  old run aside). ``lock``: a lock from :func:`claim_workdir` already held
+  (released here at the end).
   """
-  os.makedirs(workdir, exist_ok=True)
-  setup = setup or Setup(config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  lock = lock or claim_workdir(config, workdir, restart=restart, quiet=quiet)
+  try:
+    setup = setup or Setup(config)
+    return _train(config, lock.workdir, setup, quiet)
+  finally:
+    lock.release()
 
-  mngr = _checkpointer(workdir)
-  state = setup.initial_state()
-  start = 0
-  if mngr.latest_step() is not None:
-    start = int(mngr.latest_step())
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-    if not quiet:
-      print(f"resuming {workdir} from round {start}", flush=True)
-  metrics_path = os.path.join(workdir, "metrics.csv")
-  rows = _read_rows(metrics_path, start)
-  sel_path = os.path.join(workdir, "selection.npz")
-  history = {"masks": [], "scores": []}
-  if start and os.path.exists(sel_path):
-    with np.load(sel_path) as f:
-      history = {k: list(f[k][:start]) for k in f.files}
 
+def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
+  run = _Run(workdir, config)
+  start, state = run.resume(setup.initial_state(), quiet)
+  guard = _Divergence(config, setup, workdir)
+  guard.last_saved = start if start else None
   key = jax.random.key(config.seed)
   names = setup.spec.groups.names
   num_rounds = config.fl.num_rounds
@@ -267,45 +362,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bar = tqdm(range(start, num_rounds), initial=start, total=num_rounds, disable=not live,
              desc=config.selection.strategy, dynamic_ncols=True, mininterval=1.0)
   ev = None
-  for t in bar:
-    t0 = time.perf_counter()
-    rd = setup.round_data(t)
-    state, metrics = setup.round_fn(state, rd, key)
-    metrics = jax.device_get(metrics)
-    seconds = time.perf_counter() - t0
-    last = t + 1 == num_rounds
-    ev = None
-    if (t + 1) % config.eval_every == 0 or last:
-      ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
-    rows.append(_row(t, metrics, seconds, names, ev))
-    valid = rd["valid"]
-    history["masks"].append(np.asarray(metrics["masks"])[valid])
-    if "scores" in metrics:
-      history["scores"].append(np.asarray(metrics["scores"])[valid])
-    if config.selection.get("check_exact", False) and "scores" in metrics:
-      rows[-1].update(_exact_gap(setup, rd, metrics))
-    bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
-                    acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
-    if ev and not live and not quiet:
-      print(f"{config.selection.strategy} round {t + 1}/{num_rounds}  "
-            f"train_loss {rows[-1]['train_loss']:.4f}  test_loss {ev['loss']:.4f}  "
-            f"test_accuracy {ev['accuracy']:.4f}  {seconds:.2f} s/round", flush=True)
-    if (t + 1) % config.checkpoint_every == 0 or last:
-      _write_rows(metrics_path, rows)
-      np.savez(sel_path + ".tmp.npz", **{k: np.stack(v) for k, v in history.items() if v})
-      os.replace(sel_path + ".tmp.npz", sel_path)
-      mngr.save(t + 1, args=ocp.args.StandardSave(state))
-  mngr.wait_until_finished()
-  bar.close()
+  t = start
+  try:
+    for t in bar:
+      t0 = time.perf_counter()
+      rd = setup.round_data(t)
+      state, metrics = setup.round_fn(state, rd, key)
+      metrics = jax.device_get(metrics)
+      seconds = time.perf_counter() - t0
+      last = t + 1 == num_rounds
+      ev = None
+      if (t + 1) % config.eval_every == 0 or last:
+        ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
+      run.rows.append(_row(t, metrics, seconds, names, ev))
+      _record_selection(run, setup, config, rd, metrics)
+      bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.3f}",
+                      acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
+      if ev and not live and not quiet:
+        print(f"{config.selection.strategy} round {t + 1}/{num_rounds}  "
+              f"train_loss {run.rows[-1]['train_loss']:.4f}  test_loss {ev['loss']:.4f}  "
+              f"test_accuracy {ev['accuracy']:.4f}  {seconds:.2f} s/round", flush=True)
+      try:
+        guard.observe(t, metrics, quiet)
+      except errors.DivergedError:
+        run.write_files()   # the failed rounds' rows, for inspection; no checkpoint
+        raise
+      if ((t + 1) % config.checkpoint_every == 0 or last) and not guard.in_streak:
+        run.checkpoint(t + 1, state)
+        guard.last_saved = t + 1
+  except errors.Interrupted as e:
+    raise errors.Interrupted(e.signum, t) from None
+  finally:
+    bar.close()
+    run.ckpts.close()
   if ev is None:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
   final = {"strategy": config.selection.strategy, "rounds": num_rounds,
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-           "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in rows]))
-           if rows else float("nan")}
-  with open(os.path.join(workdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=2)
+           "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
+           if run.rows else float("nan")}
+  def write_final(tmp):
+    with open(tmp, "w") as f:
+      json.dump(final, f, indent=2)
+  _write_atomic(os.path.join(workdir, "final.json"), write_final)
   return final
+
+
+def _record_selection(run: _Run, setup: "Setup", config, rd: dict, metrics: dict) -> None:
+  valid = rd["valid"]
+  run.history["masks"].append(np.asarray(metrics["masks"])[valid])
+  if "scores" in metrics:
+    run.history["scores"].append(np.asarray(metrics["scores"])[valid])
+  if config.selection.check_exact and "scores" in metrics:
+    run.rows[-1].update(_exact_gap(setup, rd, metrics))
 
 
 def _exact_gap(setup: Setup, rd: dict, metrics: dict) -> dict[str, float]:

@@ -6,8 +6,10 @@ import dataclasses
 
 import numpy as np
 
+from fedsel_jax.errors import UserError
 
-class DataMissingError(RuntimeError):
+
+class DataMissingError(UserError, RuntimeError):
   """Data or weights are not on disk; the message says what to put where."""
 
 
