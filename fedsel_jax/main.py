@@ -117,7 +117,7 @@ def parse(argv: list[str]):
     sys.exit(0)
   if not values.get("config"):
     raise errors.ConfigError(f"--config is required; {USAGE}")
-  if not values.get("workdir") and not values.get("check_only"):
+  if values.get("workdir") is None and not values.get("check_only"):
     raise errors.ConfigError(f"--workdir is required; {USAGE}")
   config = cli.load_config(values["config"])
   cli.apply_overrides(config, overrides)

@@ -434,3 +434,35 @@ def test_every_generated_run_starts_or_ends_with_one_error_line(config, override
   else:
     assert code == 2, (argv, err)
     assert len(error_lines(err)) == 1, (argv, err)
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(
+    data_dir, tmp_path, monkeypatch, capsys):
+  saved = checkpoints.RunCheckpoints.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 2:
+      raise OSError(28, "No space left on device", os.path.join(self.dir, "2"))
+    return saved(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoints.RunCheckpoints, "save", save)
+  wd = tmp_path / "run"
+  code = main_lib.main(["--config", os.path.join(ROOT, "configs/digits.py:smoke"), "--workdir",
+                        str(wd), f"--config.data.data_dir={data_dir}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err
+  (line,) = error_lines(err)
+  assert "No space left on device" in line and str(wd / "checkpoints" / "2") in line
+  assert workdir_lib.rounds_done(str(wd)) == 1 and not (wd / workdir_lib.LOCK).exists()
+
+
+@pytest.mark.parametrize("workdir,needle", [("", "--workdir must be a folder path"),
+                                            ("FILE", "exists and is not a folder")])
+def test_bad_workdir_is_one_line(data_dir, tmp_path, capsys, workdir, needle):
+  if workdir == "FILE":
+    workdir = str(tmp_path / "a_file")
+    open(workdir, "w").close()
+  code = main_lib.main(["--config", os.path.join(ROOT, "configs/digits.py:smoke"), "--workdir",
+                        workdir, f"--config.data.data_dir={data_dir}"])
+  (line,) = error_lines(capsys.readouterr().err)
+  assert code == 2 and needle in line
