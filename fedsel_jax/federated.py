@@ -102,7 +102,9 @@ class RoundSettings:
   @property
   def score_kind(self) -> str | None:
     kind, _ = STRATEGIES[self.strategy]
-    return self.score if self.strategy == "proposed" else kind
+    if self.strategy == "proposed" or (kind == "snr" and self.score in scores_lib.VARIANCE):
+      return self.score
+    return kind
 
 
 def padded_clients(m: int, chunk: int) -> int:
@@ -180,12 +182,12 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, client_sharding),
                                   tree)
 
-  def stats_fn(n_max, second_moment):
+  def stats_fn(n_max, variance):
     fn = scores_lib.make_grad_stats_fn(
         loss_fn, index, k, batch_size=settings.batch_size,
         num_batches=scores_lib.num_score_batches(n_max, settings.batch_size,
                                                  settings.sel_batches),
-        second_moment=second_moment, unroll=settings.unroll)
+        variance=variance, unroll=settings.unroll)
     return jax.vmap(fn, in_axes=(None, 0, 0))
 
   def round_fn(state: ServerState, rd: dict, key: jax.Array):
@@ -208,7 +210,7 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     need = (rd["reselect"] | ~seen) & valid
     metrics: dict[str, jax.Array] = {}
     if score_kind is not None:
-      score_clients = stats_fn(rd["mask"].shape[1], score_kind == "snr")
+      score_clients = stats_fn(rd["mask"].shape[1], scores_lib.VARIANCE.get(score_kind))
       score_keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
 
       def compute_scores(_):
@@ -264,7 +266,7 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
 
     # 5. Diagnostics at theta^t.
     if settings.diagnostics:
-      grad_clients = stats_fn(rd["mask"].shape[1], False)
+      grad_clients = stats_fn(rd["mask"].shape[1], None)
 
       def diag_chunk(sums, c):
         stats = grad_clients(params, constrain(c["data"]), c["keys"])
