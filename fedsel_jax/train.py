@@ -63,8 +63,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"fl.clients_per_round={fl.clients_per_round} exceeds "
                       f"data.num_clients={n}")
   lam = config.selection.lam
-  if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-    raise ConfigError(f"selection.lam must be a finite number >= 0, got {lam!r}")
+  if not (isinstance(lam, (int, float)) and math.isfinite(lam)):  # either sign: costs.check_lam
+    raise ConfigError(f"selection.lam must be a finite number, got {lam!r}")
   if config.selection.sel_gap < 1:
     raise ConfigError(f"selection.sel_gap must be >= 1, got {config.selection.sel_gap}")
 
