@@ -7,6 +7,8 @@ the per-round cost model of SPEC.md ("Cost model"), re-exported by
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +195,76 @@ def training_flops_per_sample(forward_flops: jax.Array, head_forward_flops,
                       + jnp.where(any_selected, head, 0.0))
   weight_grads = jnp.sum(jnp.where(masks, f, 0.0), axis=-1) + head
   return forward + activation_grads + weight_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthCosts:
+  """A depth-aware cost model: what a layer set S costs one client step.
+
+  ``cost(S) = constant + sum_{l in S} weight[l] + backward[lowest(S)]``
+  with ``lowest(S)`` the lowest selected block (K when S is empty). The
+  backward pass from the output down to block j costs ``backward[j]``
+  (non-increasing in j, ``backward[K] = 0``): training a low block pays for
+  activation gradients through every block above it, so the cost of a set
+  is not the sum of its layers'.
+
+  Attributes:
+    weight: f32[K] weight-gradient cost of each candidate block.
+    backward: f32[K + 1] backward-pass cost down to each block.
+    constant: cost every client pays (forward, common weight gradients).
+  """
+
+  weight: np.ndarray
+  backward: np.ndarray
+  constant: float = 0.0
+
+  def scaled(self, unit: float) -> "DepthCosts":
+    return DepthCosts(self.weight / unit, self.backward / unit, self.constant / unit)
+
+  @property
+  def cheapest_set(self) -> float:
+    """Cost beyond ``constant`` of the cheapest non-empty set (one block)."""
+    return float(np.min(self.weight + self.backward[:-1]))
+
+
+def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flops=0.0
+                           ) -> DepthCosts:
+  """The FLOPs cost model of :func:`training_flops_per_sample` as DepthCosts.
+
+  ``weight[l] = f_l``, ``backward[j] = head + sum_{l >= j} f_l`` (j < K),
+  ``constant = fixed + sum f + 2 head`` (forward and the head's weight
+  gradients), all per example.
+
+  Args:
+    forward_flops: f32[K] forward FLOPs per example of each candidate block.
+    head_forward_flops: forward FLOPs of the common layers.
+    fixed_forward_flops: forward FLOPs of the fixed layers.
+  """
+  f = np.asarray(forward_flops, np.float64)
+  head = float(head_forward_flops)
+  backward = np.concatenate([head + np.cumsum(f[::-1])[::-1], [0.0]])
+  return DepthCosts(weight=f, backward=backward,
+                    constant=float(fixed_forward_flops) + float(f.sum()) + 2 * head)
+
+
+def lowest_selected(masks: jax.Array) -> jax.Array:
+  """i32[...]: index of the lowest selected layer, K if none."""
+  masks = jnp.asarray(masks, bool)
+  k = masks.shape[-1]
+  return jnp.min(jnp.where(masks, jnp.arange(k), k), axis=-1)
+
+
+def depth_set_cost(masks: jax.Array, weight: jax.Array, backward: jax.Array) -> jax.Array:
+  """f32[...]: ``sum_{l in S} weight[l] + backward[lowest(S)]`` (no constant).
+
+  Args:
+    masks: bool[..., K].
+    weight: f32[K].
+    backward: f32[K + 1].
+  """
+  masks = jnp.asarray(masks, bool)
+  w = jnp.sum(jnp.where(masks, jnp.asarray(weight, jnp.float32), 0.0), axis=-1)
+  return w + jnp.asarray(backward, jnp.float32)[lowest_selected(masks)]
 
 
 def communication_bytes(param_counts: jax.Array, masks: jax.Array, *,

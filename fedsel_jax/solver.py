@@ -36,6 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fedsel_jax import costs as costs_lib
 from fedsel_jax import knapsack as knap
 from fedsel_jax.knapsack import ENUMERATE_MAX_LAYERS
 
@@ -73,6 +74,9 @@ class Problem:
     lam: f32 scalar, either sign.
     valid: bool[M].
     num_valid: i32, M without padding.
+    backward: f32[K + 1] or None: depth-aware budgets, a set S costs
+      ``sum_{l in S} costs[l] + backward[lowest(S)]``
+      (:class:`fedsel_jax.costs.DepthCosts`, without its constant).
     uniform: static; all costs equal (host decision), None if unknown.
     use_jacobi: static; the joint client step fits :data:`JACOBI_MAX_CELLS`.
   """
@@ -83,11 +87,38 @@ class Problem:
   lam: jax.Array
   valid: jax.Array
   num_valid: jax.Array
+  backward: jax.Array | None = None
   uniform: bool | None = flax.struct.field(pytree_node=False, default=None)
   use_jacobi: bool = flax.struct.field(pytree_node=False, default=True)
 
-  def knapsack(self, values: jax.Array, budget: jax.Array) -> jax.Array:
-    return knap.knapsack(values, self.costs, budget, self.uniform)
+  @property
+  def depth(self) -> bool:
+    return self.backward is not None
+
+  def set_cost(self, masks: jax.Array) -> jax.Array:
+    """f32[...]: the cost of each mask ``bool[..., K]``."""
+    if self.depth:
+      return costs_lib.depth_set_cost(masks, self.costs, self.backward)
+    return jnp.sum(jnp.where(masks, self.costs, 0.0), axis=-1)
+
+  def respond(self, values: jax.Array, budget: jax.Array) -> jax.Array:
+    """Best response ``bool[..., K]`` to gains ``values f32[..., K]``.
+
+    Additive costs: the knapsack. Depth-aware: for every possible lowest
+    block j the knapsack over blocks >= j with the budget left after the
+    backward pass down to j; the best of them (ties to the higher j).
+    """
+    if not self.depth:
+      return knap.knapsack(values, self.costs, budget, self.uniform)
+    k = self.costs.shape[0]
+    allowed = jnp.arange(k)[None, :] >= jnp.arange(k)[:, None]  # [j, K]
+    vals = jnp.where(allowed, values[..., None, :], -1e30)
+    budget_j = budget[..., None] - self.backward[:k]
+    masks = knap.knapsack(vals, self.costs, budget_j, self.uniform)  # [..., j, K]
+    worth = jnp.sum(jnp.where(masks, values[..., None, :], 0.0), axis=-1)
+    pick = k - 1 - jnp.argmax(worth[..., ::-1], axis=-1)
+    best = jnp.take_along_axis(masks, pick[..., None, None], axis=-2)[..., 0, :]
+    return best & (jnp.max(worth, axis=-1) > 0)[..., None]
 
   @property
   def tol(self) -> jax.Array:
@@ -95,9 +126,13 @@ class Problem:
     return 1e-7 * jnp.sum(jnp.abs(self.scores))
 
 
-def make_problem(scores, costs, budgets, lam, client_valid=None, *,
+def make_problem(scores, costs, budgets, lam, client_valid=None, *, backward=None,
                  uniform: bool | None = None, num_starts: int = 1) -> Problem:
-  """Builds a :class:`Problem`; ``uniform`` None decides it from concrete costs."""
+  """Builds a :class:`Problem`; ``uniform`` None decides it from concrete costs.
+
+  ``backward`` (f32[K + 1]) makes the budgets depth-aware; ``costs`` are then
+  the weight-gradient costs.
+  """
   scores = sanitize_scores(scores)
   costs = jnp.asarray(costs, jnp.float32)
   valid = valid_or_all(client_valid, scores.shape[0])
@@ -106,11 +141,15 @@ def make_problem(scores, costs, budgets, lam, client_valid=None, *,
   num_clients, num_layers = scores.shape
   per_client = (2 ** num_layers if num_layers <= ENUMERATE_MAX_LAYERS
                 else (num_layers + 1) ** 2)
-  use_jacobi = bool(uniform) or num_starts * num_clients * per_client <= JACOBI_MAX_CELLS
+  if backward is not None:
+    per_client *= num_layers  # one knapsack per possible lowest block
+    backward = jnp.asarray(backward, jnp.float32)
+  use_jacobi = ((bool(uniform) and backward is None)
+                or num_starts * num_clients * per_client <= JACOBI_MAX_CELLS)
   return Problem(scores=scores, costs=costs, budgets=jnp.asarray(budgets, jnp.float32),
                  lam=jnp.asarray(lam, jnp.float32), valid=valid,
-                 num_valid=jnp.sum(valid, dtype=jnp.int32), uniform=uniform,
-                 use_jacobi=use_jacobi)
+                 num_valid=jnp.sum(valid, dtype=jnp.int32), backward=backward,
+                 uniform=uniform, use_jacobi=use_jacobi)
 
 
 def counts_of(masks: jax.Array) -> jax.Array:
@@ -152,9 +191,9 @@ def initial_starts(prob: Problem, num_starts: int) -> jax.Array:
   num_blends = max(num_starts - 2, 1)
   alphas = jnp.linspace(0.0, 1.0, num_blends) if num_blends > 1 else jnp.zeros(1)
   blended = (1 - alphas[:, None, None]) * prob.scores + alphas[:, None, None] * mean_scores
-  masks = prob.knapsack(blended, jnp.broadcast_to(prob.budgets, blended.shape[:2]))
+  masks = prob.respond(blended, jnp.broadcast_to(prob.budgets, blended.shape[:2]))
   if num_starts > 1:
-    common = prob.knapsack(mean_scores, jnp.min(jnp.where(valid, prob.budgets, jnp.inf)))
+    common = prob.respond(mean_scores, jnp.min(jnp.where(valid, prob.budgets, jnp.inf)))
     masks = jnp.concatenate([masks, jnp.broadcast_to(common, masks[:1].shape)])
   if num_starts > 2:
     masks = jnp.concatenate([masks, jnp.zeros_like(masks[:1])])
@@ -194,7 +233,7 @@ def jacobi_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   """
   held = masks.astype(jnp.int32)
   pressure, gain = client_gains(prob, held, counts)
-  new = prob.knapsack(gain, jnp.broadcast_to(prob.budgets, masks.shape[:2]))
+  new = prob.respond(gain, jnp.broadcast_to(prob.budgets, masks.shape[:2]))
   diff = new.astype(jnp.int32) - held
   delta = (jnp.sum(prob.scores * diff, axis=-1)
            - prob.lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
@@ -227,7 +266,7 @@ def client_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
     held = mask_i.astype(jnp.int32)
     pressure = prob.num_valid - 1 - 2 * (counts - held)
     gain = score_i - prob.lam * pressure.astype(jnp.float32)
-    new = prob.knapsack(gain, jnp.broadcast_to(budget_i, (num_starts,)))
+    new = prob.respond(gain, jnp.broadcast_to(budget_i, (num_starts,)))
     diff = new.astype(jnp.int32) - held
     delta = (jnp.sum(score_i * diff, axis=-1)
              - prob.lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
@@ -251,10 +290,8 @@ def layer_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
   del counts
   valid, budgets, m = prob.valid, prob.budgets, prob.num_valid
 
-  def layer_step(used, column):
-    held, s_l, cost_l = column  # [P, M], [M], []
-    used_other = used - jnp.where(held, cost_l, 0.0)
-    can = valid & (used_other + cost_l <= budgets)
+  def column_value(held, can, s_l):
+    # held, can: bool[P, M]; s_l: f32[M] -> (new column, moved bool[P]).
     cur = jnp.sum(held, axis=-1, dtype=jnp.int32)
     cur_value = (jnp.sum(jnp.where(held, s_l, 0.0), axis=-1)
                  - prob.lam * (cur * (m - cur)).astype(jnp.float32))
@@ -266,8 +303,17 @@ def layer_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
     take_all = (all_value - cur_value > tol) & (all_value >= 0)
     drop_all = ~take_all & (-cur_value > tol)
     new_col = jnp.where(take_all[:, None], can, held & ~drop_all[:, None])
-    return used_other + jnp.where(new_col, cost_l, 0.0), (new_col, take_all | drop_all)
+    return new_col, take_all | drop_all
 
+  def layer_step(used, column):
+    held, s_l, cost_l = column  # [P, M], [M], []
+    used_other = used - jnp.where(held, cost_l, 0.0)
+    can = valid & (used_other + cost_l <= budgets)
+    new_col, moved = column_value(held, can, s_l)
+    return used_other + jnp.where(new_col, cost_l, 0.0), (new_col, moved)
+
+  if prob.depth:
+    return _layer_sweep_depth(prob, masks, column_value)
   used = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)
   columns = (jnp.moveaxis(masks, -1, 0), prob.scores.T, prob.costs)
   _, (new, accepted) = jax.lax.scan(layer_step, used, columns)
@@ -275,11 +321,37 @@ def layer_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
   return masks, counts_of(masks), jnp.any(accepted)
 
 
+def _layer_sweep_depth(prob: Problem, masks: jax.Array, column_value):
+  """:func:`layer_sweep` under depth-aware budgets: whether a client can
+  take layer l depends on its lowest block, so the masks are carried."""
+  num_layers = masks.shape[-1]
+
+  def layer_step(masks, l):
+    is_l = jnp.arange(num_layers) == l
+    held = masks[..., l]
+    other = masks & ~is_l
+    can = prob.valid & (prob.set_cost(other | is_l) <= prob.budgets)
+    new_col, moved = column_value(held, can, prob.scores[:, l])
+    masks = jnp.where(is_l, new_col[..., None], masks)
+    return masks, moved
+
+  masks, accepted = jax.lax.scan(layer_step, masks, jnp.arange(num_layers))
+  return masks, counts_of(masks), jnp.any(accepted)
+
+
 def _movers(prob: Problem, masks, used, source):
-  """bool[P, M, K_b]: holders of ``source`` that can switch it to layer b."""
+  """bool[P, M, K_b]: holders of ``source`` that can switch it to layer b.
+
+  ``used`` f32[P, M] is the additive part of the masks' cost.
+  """
+  after = used[:, :, None] - prob.costs[source] + prob.costs
+  if prob.depth:
+    without = masks & (jnp.arange(masks.shape[-1]) != source)
+    lowest = jnp.minimum(costs_lib.lowest_selected(without)[..., None],
+                         jnp.arange(masks.shape[-1]))
+    after = after + prob.backward[lowest]
   return (prob.valid[None, :, None] & masks[:, :, source, None] & ~masks
-          & (used[:, :, None] - prob.costs[source] + prob.costs
-             <= prob.budgets[None, :, None]))
+          & (after <= prob.budgets[None, :, None]))
 
 
 def _transfer_terms_uniform(prob: Problem, masks):
@@ -321,7 +393,9 @@ def transfer_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   """
   m, lam = prob.num_valid, prob.lam
   num_starts, _, num_layers = masks.shape
-  if prob.uniform is None:
+  if prob.depth:
+    moved, dscore, moved_s_a = _transfer_terms_general(prob, masks)
+  elif prob.uniform is None:
     moved, dscore, moved_s_a = jax.lax.cond(
         jnp.all(prob.costs == prob.costs[0]), _transfer_terms_uniform,
         _transfer_terms_general, prob, masks)
@@ -428,6 +502,8 @@ def insert_kick(prob: Problem, best: jax.Array, forced: jax.Array) -> jax.Array:
   inserted = (best[None] & keep) | is_forced[:, None, :]
   holds = jnp.any(best[None] & is_forced[:, None, :], axis=-1)  # [P, M]
   moves = prob.valid & (room >= 0) & ~holds
+  if prob.depth:  # the kept layers fit their weight costs; check the whole set
+    moves &= prob.set_cost(inserted) <= budgets
   return jnp.where(moves[..., None], inserted, best[None])
 
 
@@ -481,16 +557,16 @@ def solve(prob: Problem, num_starts: int, max_iters: int, num_kicks: int) -> jax
 
 @functools.partial(jax.jit, static_argnames=("uniform", "num_starts", "max_iters",
                                              "num_kicks"))
-def _solve_jit(scores, costs, budgets, lam, valid, *, uniform, num_starts, max_iters,
-               num_kicks):
-  prob = make_problem(scores, costs, budgets, lam, valid, uniform=uniform,
-                      num_starts=num_starts)
+def _solve_jit(scores, costs, budgets, lam, valid, backward, *, uniform, num_starts,
+               max_iters, num_kicks):
+  prob = make_problem(scores, costs, budgets, lam, valid, backward=backward,
+                      uniform=uniform, num_starts=num_starts)
   return solve(prob, num_starts, max_iters, num_kicks)
 
 
 def solve_p1(scores: jax.Array, costs: jax.Array, budgets: jax.Array, lam, *,
-             client_valid: jax.Array | None = None, num_starts: int = 5,
-             max_iters: int = 30, num_kicks: int = 1) -> jax.Array:
+             client_valid: jax.Array | None = None, backward: jax.Array | None = None,
+             num_starts: int = 5, max_iters: int = 30, num_kicks: int = 1) -> jax.Array:
   """Approximately solves P1 in-graph (jittable, vmappable, always feasible).
 
   P1 is an exact potential game: when client i changes its mask alone, the
@@ -531,6 +607,9 @@ def solve_p1(scores: jax.Array, costs: jax.Array, budgets: jax.Array, lam, *,
       recompile); ``lam < 0`` rewards disagreement.
     client_valid: bool[M] or None; padding clients get all-False masks and
       do not count in M.
+    backward: f32[K + 1] or None: depth-aware budgets (``costs`` are then
+      weight-gradient costs; :class:`fedsel_jax.costs.DepthCosts`). A best
+      response enumerates the client's lowest block (K knapsacks).
     num_starts: static number of starts, P (work grows linearly in P).
     max_iters: static cap on sweeps per climb.
     num_kicks: static number of kick rounds.
@@ -542,5 +621,6 @@ def solve_p1(scores: jax.Array, costs: jax.Array, budgets: jax.Array, lam, *,
   valid = valid_or_all(client_valid, scores.shape[0])
   return _solve_jit(scores, jnp.asarray(costs, jnp.float32),
                     jnp.asarray(budgets, jnp.float32), jnp.asarray(lam, jnp.float32),
-                    valid, uniform=knap.costs_uniform_host(costs), num_starts=num_starts,
+                    valid, None if backward is None else jnp.asarray(backward, jnp.float32),
+                    uniform=knap.costs_uniform_host(costs), num_starts=num_starts,
                     max_iters=max_iters, num_kicks=num_kicks)
