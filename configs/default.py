@@ -84,7 +84,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.selection = ml_collections.ConfigDict()
   c.selection.strategy = "proposed"
-  c.selection.score = "gradnorm"   # for 'proposed': gradnorm | gradnorm_batch
+  c.selection.score = "gradnorm"   # proposed: gradnorm | gradnorm_batch; snr, snr_p1: snr | snr_example
   # lambda weighs the consistency penalty against scores that are normalised
   # per client to sum 1, so its scale does not depend on the model or data.
   c.selection.lam = 0.05

@@ -106,7 +106,9 @@ class RoundSettings:
   @property
   def score_kind(self) -> str | None:
     kind, _ = STRATEGIES[self.strategy]
-    return self.score if self.strategy == "proposed" else kind
+    if self.strategy == "proposed" or (kind == "snr" and self.score in scores_lib.VARIANCE):
+      return self.score
+    return kind
 
 
 def padded_clients(m: int, chunk: int) -> int:
@@ -218,13 +220,13 @@ class RoundParts:
                        "pad with federated.padded_clients")
     return chunk
 
-  def grad_stats_fn(self, n_max: int, second_moment: bool) -> Callable:
+  def grad_stats_fn(self, n_max: int, variance: str | None) -> Callable:
     """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""
     s = self.settings
     return scores_lib.make_grad_stats_fn(
         self.loss_fn, self.index, self.k, batch_size=s.batch_size,
         num_batches=scores_lib.num_score_batches(n_max, s.batch_size, s.sel_batches),
-        second_moment=second_moment, unroll=s.unroll)
+        variance=variance, unroll=s.unroll)
 
 
 def _client_data(rd: dict) -> dict:
@@ -242,7 +244,7 @@ def scores_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
     return None
   ids = rd["client_ids"]
   mp, k = ids.shape[0], parts.k
-  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], kind == "snr")
+  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], scores_lib.VARIANCE.get(kind))
 
   def client_scores(p, c):
     stats = stats_fn(p, c["data"], c["key"])
@@ -322,7 +324,7 @@ def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Arr
                      client_keys: jax.Array, p: jax.Array) -> dict:
   """E1/E2 from the clients' gradients at theta^t; NaN when ``rd['diagnose']`` is False."""
   index, k = parts.index, parts.k
-  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], False)
+  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], None)
 
   def combine(sums, grads, c):
     return diagnostics.accumulate_grads(sums, grads, c["masks"], c["p"], index), None

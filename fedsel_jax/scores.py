@@ -1,13 +1,34 @@
 """Per-layer importance scores of one client at the global model.
 
-A client reads ``sel_batches`` consecutive minibatches of its data (0 = all),
-takes the gradient of each at ``theta^t`` and reduces them to K numbers; only
-those go to the server (SPEC.md, "One round", step 1):
+Each round a client draws ``sel_batches`` random minibatches of its data
+(0 = all of it) from its score key, a pure function of (seed, round, client)
+(:func:`draw_score_batches`), takes the gradient of each at ``theta^t`` and reduces
+them to K numbers; only those go to the server (SPEC.md, "One round", 1):
 
-* ``gradnorm``: ``||mean_b g_{b,l}||^2`` (the paper's);
-* ``gradnorm_batch``: ``mean_b ||g_{b,l}||^2``;
-* ``rgn``: ``||mean_b g_{b,l}|| / ||theta_l||`` (Lee et al. 2023);
-* ``snr``: per-parameter ``mean_b(g)^2 / var_b(g)``, averaged over the layer.
+* ``gradnorm``: ``||g_l||^2`` of the client's mean gradient (the paper's);
+* ``gradnorm_batch``: the mean over batches of ``||g_{b,l}||^2``;
+* ``rgn``: ``||g_l|| / ||theta_l||`` (Lee et al. 2023);
+* ``snr``: per-parameter ``mean^2 / var`` of the per-batch gradients,
+  averaged over the layer's parameters;
+* ``snr_example``: the same over per-example gradients (``vmap`` over the
+  batch: memory ``batch_size`` x the parameters per client, so meant for
+  small models).
+
+Means are example-weighted: batch b with ``n_b`` real examples weighs
+``n_b`` (a short last batch counts by its size), so the mean gradient is the
+gradient of the mean loss over every example drawn. Variances are streamed
+over batches with Chan's pairwise update of (mean, sum of squared
+deviations) — a two-pass variance inside each batch, Welford across them —
+never as ``E[g^2] - E[g]^2``, which cancels catastrophically in float32 when
+a gradient is large and nearly constant. Both variances are population
+variances (divided by the total weight).
+
+SNR floor: per parameter, ``snr = m^2 / (v + m^2 / SNR_MAX)`` (0 where
+``m = 0``): at most ``SNR_MAX`` and within ``m^2 / (v SNR_MAX)`` of
+``m^2 / v`` otherwise. With a single batch the per-batch variance is 0 and
+every parameter with a nonzero gradient scores exactly ``SNR_MAX``: ``snr``
+then only counts which parameters get gradient, so give it
+``sel_batches >= 2`` or use ``snr_example``.
 
 The same pass gives the client's mean gradient, which ``diagnostics`` needs
 for the E1/E2 estimates.
@@ -24,8 +45,11 @@ import jax.numpy as jnp
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
-SCORES = ("gradnorm", "gradnorm_batch", "rgn", "snr")
-SNR_EPS = 1e-12
+SCORES = ("gradnorm", "gradnorm_batch", "rgn", "snr", "snr_example")
+# The SNR cap (see the module docstring): std below 1% of the mean.
+SNR_MAX = 1e4
+# score kind -> what the variance is taken over (None: no variance needed).
+VARIANCE = {"snr": "batch", "snr_example": "example"}
 
 
 def num_score_batches(n_max: int, batch_size: int, sel_batches: int) -> int:
@@ -34,57 +58,156 @@ def num_score_batches(n_max: int, batch_size: int, sel_batches: int) -> int:
   return full if sel_batches <= 0 else min(sel_batches, full)
 
 
+def draw_score_batches(example_mask: jax.Array, key: jax.Array, num_batches: int,
+                       batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This round's score batches: a uniform sample of the client's real examples.
+
+  A uniformly random permutation of the real examples, padding rows after
+  them; the first ``num_batches * batch_size`` positions are used. So every
+  real example is drawn with probability ``min(1, num_rows / n_real)``, none
+  twice, and when ``num_rows >= n_real`` every one is (``sel_batches = 0``:
+  all the data, in random order). Real examples come first, so the batches
+  are full, then at most one short batch, then empty ones.
+
+  Args:
+    example_mask: bool[n_max], the client's real rows.
+    key: PRNG key of (seed, round, client).
+    num_batches: static number of batches, nb.
+    batch_size: static B.
+
+  Returns:
+    ``(rows i32[nb, B], weights f32[nb, B], keys [nb])``: weight 1 for a
+    real example, 0 for padding (and for positions beyond ``n_max``); keys
+    for the batches' dropout.
+  """
+  row_key, drop_key = jax.random.split(key)
+  n_max = example_mask.shape[0]
+  perm = jax.random.permutation(row_key, n_max)
+  # Stable: real rows keep their random order, padding moves behind them.
+  order = perm[jnp.argsort(~example_mask[perm], stable=True)]
+  pos = jnp.arange(num_batches * batch_size)
+  rows = order[pos % n_max]
+  weights = jnp.where(pos < n_max, example_mask[rows], False).astype(jnp.float32)
+  return (rows.reshape(num_batches, batch_size),
+          weights.reshape(num_batches, batch_size),
+          jax.random.split(drop_key, num_batches))
+
+
+def combine_moments(acc: tuple, batch_mean: PyTree, batch_m2: PyTree, weight
+                    ) -> tuple:
+  """Chan's pairwise update of streamed (mean, M2, total weight).
+
+  Args:
+    acc: ``(mean pytree, m2 pytree, total f32)`` so far.
+    batch_mean: pytree, the new part's weighted mean.
+    batch_m2: pytree or None (0), its sum of weighted squared deviations.
+    weight: f32, its total weight (0 leaves ``acc`` unchanged).
+
+  Returns:
+    The updated ``(mean, m2, total)``.
+  """
+  mean, m2, total = acc
+  new_total = total + weight
+  frac = weight / jnp.maximum(new_total, 1e-30)  # 0 when both are empty
+  if batch_m2 is None:
+    batch_m2 = jax.tree_util.tree_map(jnp.zeros_like, batch_mean)
+
+  def update(m, s, bm, bs):
+    delta = bm - m
+    return m + delta * frac, s + bs + delta * delta * (total * frac)
+
+  pairs = jax.tree_util.tree_map(update, mean, m2, batch_mean, batch_m2)
+  outer = jax.tree_util.tree_structure(mean)
+  inner = jax.tree_util.tree_structure((0, 0))
+  mean, m2 = jax.tree_util.tree_transpose(outer, inner, pairs)
+  return mean, m2, new_total
+
+
+def _example_moments(grad_fn: Callable, params, x, y, w, key):
+  """Weighted mean and M2 of per-example gradients of one batch (two-pass)."""
+  one = lambda xi, yi: grad_fn(params, xi[None], yi[None], jnp.ones((1,)), key)
+  per_example = jax.vmap(one)(x, y)
+  n_b = jnp.sum(w)
+  wn = w / jnp.maximum(n_b, 1e-30)
+  mean = jax.tree_util.tree_map(
+      lambda g: jnp.tensordot(wn, g.astype(jnp.float32), axes=1), per_example)
+  m2 = jax.tree_util.tree_map(
+      lambda g, m: jnp.tensordot(w, jnp.square(g.astype(jnp.float32) - m), axes=1),
+      per_example, mean)
+  return mean, m2
+
+
 def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
                        batch_size: int, num_batches: int,
-                       second_moment: bool = False, unroll: bool = False) -> Callable:
+                       variance: str | None = None, unroll: bool = False) -> Callable:
   """Builds ``grad_stats(params, data, key) -> dict`` for ONE client.
 
-  Batch b holds rows ``[b*B, (b+1)*B)`` of the client's (unshuffled) padded
-  data; padding rows weigh 0 and all-padding batches are left out.
+  Draws ``num_batches`` batches of ``batch_size`` rows with
+  :func:`draw_score_batches` (``key`` also seeds dropout), differentiates the
+  weighted mean loss of each and streams example-weighted moments.
 
-  Returns a dict with:
-    mean_grad: pytree like params, mean over non-empty batches of the
-      batch-mean gradient (fixed leaves are not differentiated: zeros).
-    batch_sq: f32[K], mean over batches of ``||g_{b,l}||^2``.
-    second: pytree, mean of ``g_b**2`` per parameter (only if second_moment).
-    num_batches: f32, non-empty batches used.
+  Args:
+    loss_fn: ``loss(params, x, y, weights, key) -> f32``, a weighted mean.
+    index: leaf -> group table (:func:`fedsel_jax.masks.group_index`).
+    num_candidates: K.
+    batch_size: B.
+    num_batches: static number of batches.
+    variance: None, ``"batch"`` (over batch-mean gradients, weight ``n_b``)
+      or ``"example"`` (over per-example gradients).
+    unroll: unroll the scan over batches.
+
+  Returns:
+    ``grad_stats`` returning a dict with ``mean_grad`` (pytree like params,
+    the example-weighted mean gradient; fixed leaves are not differentiated:
+    zeros), ``batch_sq`` (f32[K], weighted mean of ``||g_{b,l}||^2``),
+    ``num_examples`` (f32, real examples drawn), ``num_batches`` (f32,
+    non-empty batches) and, with ``variance``, ``var`` (pytree, per-parameter
+    population variance).
   """
+  if variance not in (None, "batch", "example"):
+    raise ValueError(f"variance must be None, 'batch' or 'example', got {variance!r}")
   diff = jax.tree_util.tree_map(lambda k: k != masks_lib.FIXED, index)
   grad_fn = jax.grad(lambda p, *a: loss_fn(jax.tree_util.tree_map(
       lambda d, x: x if d else jax.lax.stop_gradient(x), diff, p), *a))
-  k_layers = num_candidates
 
   def grad_stats(params, data, key):
     data = jax.tree_util.tree_map(jnp.asarray, data)
-    n_max = data["mask"].shape[0]
-    rows = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size) % n_max
+    rows, weights, keys = draw_score_batches(data["mask"], key, num_batches, batch_size)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def body(carry, inputs):
-      s1, s2, sq, nb = carry
-      r, k = inputs
-      w = data["mask"][r].astype(jnp.float32)
-      w = jnp.where(jnp.arange(batch_size) + r[0] < n_max, w, 0.)  # no wrap-around rows
-      used = (jnp.sum(w) > 0).astype(jnp.float32)
-      g = grad_fn(params, data["x"][r], data["y"][r], w, k)
-      g = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) * used, g)
-      s1 = jax.tree_util.tree_map(jnp.add, s1, g)
-      if second_moment:
-        s2 = jax.tree_util.tree_map(lambda a, x: a + x * x, s2, g)
-      sq = sq + masks_lib.group_sq_norms(g, index, k_layers)
-      return (s1, s2, sq, nb + used), None
+      moments, sq, nb = carry
+      r, w, k = inputs
+      n_b = jnp.sum(w)
+      x, y = data["x"][r], data["y"][r]
+      if variance == "example":
+        g, m2 = _example_moments(grad_fn, params, x, y, w, k)
+      else:
+        g = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32),
+                                   grad_fn(params, x, y, w, k))
+        m2 = None
+      moments = combine_moments(moments, g, m2, n_b)
+      sq = sq + n_b * masks_lib.group_sq_norms(g, index, num_candidates)
+      return (moments, sq, nb + (n_b > 0).astype(jnp.float32)), None
 
-    init = (zeros, zeros if second_moment else (), jnp.zeros((k_layers,)), jnp.zeros(()))
-    keys = jax.random.split(key, num_batches)
-    (s1, s2, sq, nb), _ = jax.lax.scan(body, init, (rows, keys), unroll=unroll)
-    nb_safe = jnp.maximum(nb, 1.)
-    out = dict(mean_grad=jax.tree_util.tree_map(lambda x: x / nb_safe, s1),
-               batch_sq=sq / nb_safe, num_batches=nb)
-    if second_moment:
-      out["second"] = jax.tree_util.tree_map(lambda x: x / nb_safe, s2)
+    init = ((zeros, zeros, jnp.zeros(())), jnp.zeros((num_candidates,)), jnp.zeros(()))
+    ((mean, m2, total), sq, nb), _ = jax.lax.scan(body, init, (rows, weights, keys),
+                                                  unroll=unroll)
+    total_safe = jnp.maximum(total, 1.0)
+    out = dict(mean_grad=mean, batch_sq=sq / total_safe, num_examples=total,
+               num_batches=nb)
+    if variance is not None:
+      out["var"] = jax.tree_util.tree_map(lambda s: s / total_safe, m2)
     return out
 
   return grad_stats
+
+
+def snr_per_parameter(mean: jax.Array, var: jax.Array) -> jax.Array:
+  """``m^2 / (v + m^2 / SNR_MAX)``, 0 where ``m = 0`` (module docstring)."""
+  m2 = jnp.square(mean)
+  denom = var + m2 / SNR_MAX
+  return jnp.where(m2 > 0, m2 / jnp.where(m2 > 0, denom, 1.0), 0.0)
 
 
 def scores_from_stats(kind: str, stats: dict, params: PyTree, index: PyTree,
@@ -98,12 +221,9 @@ def scores_from_stats(kind: str, stats: dict, params: PyTree, index: PyTree,
   if kind == "rgn":
     theta = masks_lib.group_sq_norms(params, index, num_candidates)
     return jnp.sqrt(mean_sq) / jnp.maximum(jnp.sqrt(theta), 1e-12)
-  if kind == "snr":
-    # Per-batch variance; with a single batch it is 0 and SNR degenerates to
-    # mean^2 / eps, so configs should use sel_batches >= 2 with snr.
-    snr = jax.tree_util.tree_map(
-        lambda m, s: jnp.sum(m * m / (jnp.maximum(s - m * m, 0.) + SNR_EPS)),
-        stats["mean_grad"], stats["second"])
+  if kind in VARIANCE:
+    snr = jax.tree_util.tree_map(lambda m, v: jnp.sum(snr_per_parameter(m, v)),
+                                 stats["mean_grad"], stats["var"])
     sizes = masks_lib.group_reduce(
         jax.tree_util.tree_map(lambda p: jnp.float32(p.size), params), index, num_candidates)
     return masks_lib.group_reduce(snr, index, num_candidates) / sizes

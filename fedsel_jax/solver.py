@@ -1,4 +1,4 @@
-"""Solvers of problem P1 (defined in :mod:`fedsel_jax.selection`).
+"""The in-graph solver of problem P1 (defined in :mod:`fedsel_jax.selection`).
 
 Given scores ``s: f32[M, K]``, layer costs ``c: f32[K]`` and budgets
 ``b: f32[M]``, P1 chooses masks ``m: bool[M, K]`` that
@@ -6,721 +6,621 @@ Given scores ``s: f32[M, K]``, layer costs ``c: f32[K]`` and budgets
     maximise   sum_il m_il s_il  -  lam * sum_l S_l (M - S_l),   S_l = sum_i m_il
     subject to sum_l c_l m_il <= b_i   for every client i.
 
-* :func:`solve_p1`: jittable, vmappable best-response ascent (used every
-  round);
-* :func:`solve_p1_exact`: host-side MILP (scipy / HiGHS), the ground truth;
-* :func:`solve_p1_brute`: host-side exhaustive search for tests.
+:func:`solve_p1` is a multi-start local search that is jittable and
+vmappable. It is written as named steps over an explicit :class:`Problem`
+value, each tested on its own: :func:`make_problem` (inputs), the moves
+:func:`jacobi_step`, :func:`client_sweep`, :func:`layer_sweep`,
+:func:`transfer_step` (one climbing step each, never lowering the
+objective), :func:`ascend` (climb to a fixed point), the kicks
+:func:`insert_kick` and :func:`ruin_kick`, and the driver :func:`solve`.
+Each works on P starts side by side: ``masks bool[P, M, K]`` with their
+counts ``i32[P, K]``. ``lam`` may have either sign (``lam < 0`` rewards
+clients for covering different layers): every move evaluates its exact
+objective change.
 
-The per-client knapsacks here are also the score-based baseline's
-(:func:`fedsel_jax.selection.select_topk_scores`). Non-finite scores count as
-0 (:func:`sanitize_scores`); padding clients (``client_valid`` False) get
-all-False masks and do not count in M. :mod:`fedsel_jax.selection`
-re-exports the public names.
+Host choices are made once, outside the trace: whether all costs are equal
+(the exact top-b knapsack, no traced switch) and whether the joint client
+step fits in memory. :func:`solve_p1` called from Python reuses one compiled
+program per shapes and static settings.
+
+Exact host solvers are in :mod:`fedsel_jax.exact`. Non-finite scores count
+as 0 (:func:`sanitize_scores`); padding clients (``client_valid`` False) get
+all-False masks and do not count in M.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from typing import Any
+import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-# Up to this many layers a best response with unequal costs enumerates all
-# 2^K subsets (exact); above it, greedy + local improvement.
-ENUMERATE_MAX_LAYERS = 10
+from fedsel_jax import costs as costs_lib
+from fedsel_jax import knapsack as knap
+from fedsel_jax.knapsack import ENUMERATE_MAX_LAYERS
+
 # Largest batch of knapsack cells the joint step may use with unequal costs.
 JACOBI_MAX_CELLS = 2 ** 26
 
 
-# ----------------------------------------------------------------------------
-# Inputs and the integer part of the penalty.
-
-
 def sanitize_scores(scores: jax.Array) -> jax.Array:
-  """Non-finite scores -> 0 (the solvers' rule; see
-  :func:`fedsel_jax.selection.normalize_scores`).
-
-  Args:
-    scores: f32[M, K].
-
-  Returns:
-    f32[M, K] with NaN and +-inf replaced by 0.
-  """
+  """f32[M, K] with NaN and +-inf replaced by 0 (the solvers' rule; see
+  :func:`fedsel_jax.selection.normalize_scores`)."""
   scores = jnp.asarray(scores, jnp.float32)
   return jnp.where(jnp.isfinite(scores), scores, 0.0)
 
 
-def _valid_or_all(client_valid, num_clients: int) -> jax.Array:
+def valid_or_all(client_valid, num_clients: int) -> jax.Array:
+  """bool[M]: ``client_valid`` or all True."""
   if client_valid is None:
     return jnp.ones((num_clients,), bool)
   return jnp.asarray(client_valid, bool)
 
 
-def _score_inputs(scores, costs, budgets, client_valid):
-  """Sanitised f32 scores, f32 costs and budgets, and bool[M] validity."""
-  scores = sanitize_scores(scores)
-  return (scores, jnp.asarray(costs, jnp.float32), jnp.asarray(budgets, jnp.float32),
-          _valid_or_all(client_valid, scores.shape[0]))
-
-
-def _disagreement_pairs(counts: jax.Array, num_valid: jax.Array) -> jax.Array:
+def disagreement_pairs(counts: jax.Array, num_valid: jax.Array) -> jax.Array:
   """i32[...]: sum_l S_l (M - S_l), exact in int32 for M*M*K/4 < 2**31."""
   return jnp.sum(counts * (num_valid - counts), axis=-1)
 
 
-# ----------------------------------------------------------------------------
-# One client's knapsack (values may be negative; only values >= 0 are taken).
+@flax.struct.dataclass
+class Problem:
+  """One P1 instance as the solver sees it.
 
-
-def _descending_order(keys: jax.Array) -> jax.Array:
-  """i32[..., K]: indices by decreasing key, ties to the lower index."""
-  return jnp.argsort(-keys, axis=-1, stable=True)
-
-
-def _rank_descending(keys: jax.Array) -> jax.Array:
-  """i32[..., K]: how many layers come before each one (larger key first,
-  ties to the lower index). A loop over K elementwise comparisons fuses into
-  one pass; the [..., K, K] comparison tensor is 20x slower at M=10^4, K=48.
-  """
-  k = keys.shape[-1]
-  layer = jnp.arange(k)
-  rank = jnp.zeros(keys.shape, jnp.int32)
-  for j in range(k):
-    key_j = keys[..., j:j + 1]
-    rank += ((key_j > keys) | ((key_j == keys) & (j < layer))).astype(jnp.int32)
-  return rank
-
-
-def _knapsack_uniform(values: jax.Array, costs: jax.Array, budget: jax.Array
-                      ) -> jax.Array:
-  """Exact when all costs are equal: the best ``floor(b/c)`` values >= 0.
-
-  Args:
-    values: f32[..., K].
-    costs: f32[K] (all equal).
-    budget: f32[...].
-
-  Returns:
-    bool[..., K].
-  """
-  eligible = values >= 0
-  rank = _rank_descending(jnp.where(eligible, values, -jnp.inf))
-  prefix_cost = (rank + 1).astype(jnp.float32) * costs
-  return eligible & (prefix_cost <= budget[..., None])
-
-
-def _knapsack_general(values: jax.Array, costs: jax.Array, budget: jax.Array,
-                      num_improve: int = 3) -> jax.Array:
-  """Heuristic 0/1 knapsack for arbitrary positive costs (no loops over K).
-
-  The better of (a) the longest prefix of the layers by value/cost that fits
-  and (b) the best single layer (together a 1/2-approximation), then
-  ``num_improve`` rounds of the best improving move "drop at most one layer,
-  add at most one layer" that stays within budget (an added layer fills what
-  a prefix left over).
-
-  Args:
-    values: f32[..., K].
+  Attributes:
+    scores: f32[M, K], sanitised.
     costs: f32[K] > 0.
-    budget: f32[...].
-    num_improve: static number of improvement rounds.
-
-  Returns:
-    bool[..., K] within budget.
+    budgets: f32[M].
+    lam: f32 scalar, either sign.
+    valid: bool[M].
+    num_valid: i32, M without padding.
+    backward: f32[K + 1] or None: depth-aware budgets, a set S costs
+      ``sum_{l in S} costs[l] + backward[lowest(S)]``
+      (:class:`fedsel_jax.costs.DepthCosts`, without its constant).
+    uniform: static; all costs equal (host decision), None if unknown.
+    use_jacobi: static; the joint client step fits :data:`JACOBI_MAX_CELLS`.
   """
-  k = values.shape[-1]
-  eligible = values >= 0
-  rank = _rank_descending(jnp.where(eligible, values / costs, -jnp.inf))
-  # Cost of each layer's prefix: the layers ranked at or before it.
-  prefix_cost = jnp.zeros(values.shape, jnp.float32)
-  for j in range(k):
-    prefix_cost += jnp.where(rank[..., j:j + 1] <= rank, costs[j], 0.0)
-  prefix = eligible & (prefix_cost <= budget[..., None])
-  single_val = jnp.where(eligible & (costs <= budget[..., None]), values, -jnp.inf)
-  best_single = jnp.argmax(single_val, axis=-1)
-  single = (jnp.arange(k) == best_single[..., None]) & jnp.isfinite(
-      jnp.max(single_val, axis=-1, keepdims=True))
 
-  def total(mask):
-    return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
+  scores: jax.Array
+  costs: jax.Array
+  budgets: jax.Array
+  lam: jax.Array
+  valid: jax.Array
+  num_valid: jax.Array
+  backward: jax.Array | None = None
+  uniform: bool | None = flax.struct.field(pytree_node=False, default=None)
+  use_jacobi: bool = flax.struct.field(pytree_node=False, default=True)
 
-  mask = jnp.where((total(single) > total(prefix))[..., None], single, prefix)
-  # Moves (out, in) over {layers} + {nothing}; index k means "nothing".
-  vals_ext = jnp.concatenate([values, jnp.zeros(values.shape[:-1] + (1,))], -1)
-  costs_ext = jnp.concatenate([costs, jnp.zeros((1,))])
-  delta = vals_ext[..., None, :] - vals_ext[..., :, None]  # [..., out, in]
-  layer = jnp.arange(k)
-  for _ in range(num_improve):
-    used = jnp.sum(jnp.where(mask, costs, 0.0), axis=-1)
-    sel_ext = jnp.concatenate([mask, jnp.ones(mask.shape[:-1] + (1,), bool)], -1)
-    add_ext = jnp.concatenate([~mask & eligible,
-                               jnp.ones(mask.shape[:-1] + (1,), bool)], -1)
-    new_used = used[..., None, None] - costs_ext[:, None] + costs_ext[None, :]
-    ok = (sel_ext[..., :, None] & add_ext[..., None, :]
-          & (new_used <= budget[..., None, None]) & (delta > 0))
-    flat = jnp.where(ok, delta, -jnp.inf).reshape(delta.shape[:-2] + (-1,))
-    best = jnp.argmax(flat, axis=-1)
-    improve = jnp.isfinite(jnp.max(flat, axis=-1))
-    out_idx, in_idx = best // (k + 1), best % (k + 1)
-    moved = (mask & (layer != out_idx[..., None])) | (layer == in_idx[..., None])
-    mask = jnp.where(improve[..., None], moved, mask)
-  return mask
+  @property
+  def depth(self) -> bool:
+    return self.backward is not None
+
+  def set_cost(self, masks: jax.Array) -> jax.Array:
+    """f32[...]: the cost of each mask ``bool[..., K]``."""
+    if self.depth:
+      return costs_lib.depth_set_cost(masks, self.costs, self.backward)
+    return jnp.sum(jnp.where(masks, self.costs, 0.0), axis=-1)
+
+  def respond(self, values: jax.Array, budget: jax.Array) -> jax.Array:
+    """Best response ``bool[..., K]`` to gains ``values f32[..., K]``.
+
+    Additive costs: the knapsack. Depth-aware: for every possible lowest
+    block j the knapsack over blocks >= j with the budget left after the
+    backward pass down to j; the best of them (ties to the higher j).
+    """
+    if not self.depth:
+      return knap.knapsack(values, self.costs, budget, self.uniform)
+    k = self.costs.shape[0]
+    allowed = jnp.arange(k)[None, :] >= jnp.arange(k)[:, None]  # [j, K]
+    vals = jnp.where(allowed, values[..., None, :], -1e30)
+    budget_j = budget[..., None] - self.backward[:k]
+    masks = knap.knapsack(vals, self.costs, budget_j, self.uniform)  # [..., j, K]
+    worth = jnp.sum(jnp.where(masks, values[..., None, :], 0.0), axis=-1)
+    pick = k - 1 - jnp.argmax(worth[..., ::-1], axis=-1)
+    best = jnp.take_along_axis(masks, pick[..., None, None], axis=-2)[..., 0, :]
+    return best & (jnp.max(worth, axis=-1) > 0)[..., None]
+
+  @property
+  def tol(self) -> jax.Array:
+    """Smallest objective change that counts as progress (float32 noise)."""
+    return 1e-7 * jnp.sum(jnp.abs(self.scores))
 
 
-def _knapsack_enumerate(values: jax.Array, costs: jax.Array, budget: jax.Array
-                        ) -> jax.Array:
-  """Exact 0/1 knapsack by enumerating all 2^K subsets (K small, static).
+def make_problem(scores, costs, budgets, lam, client_valid=None, *, backward=None,
+                 uniform: bool | None = None, num_starts: int = 1) -> Problem:
+  """Builds a :class:`Problem`; ``uniform`` None decides it from concrete costs.
+
+  ``backward`` (f32[K + 1]) makes the budgets depth-aware; ``costs`` are then
+  the weight-gradient costs.
+  """
+  scores = sanitize_scores(scores)
+  costs = jnp.asarray(costs, jnp.float32)
+  valid = valid_or_all(client_valid, scores.shape[0])
+  if uniform is None:
+    uniform = knap.costs_uniform_host(costs)
+  num_clients, num_layers = scores.shape
+  per_client = (2 ** num_layers if num_layers <= ENUMERATE_MAX_LAYERS
+                else (num_layers + 1) ** 2)
+  if backward is not None:
+    per_client *= num_layers  # one knapsack per possible lowest block
+    backward = jnp.asarray(backward, jnp.float32)
+  use_jacobi = ((bool(uniform) and backward is None)
+                or num_starts * num_clients * per_client <= JACOBI_MAX_CELLS)
+  return Problem(scores=scores, costs=costs, budgets=jnp.asarray(budgets, jnp.float32),
+                 lam=jnp.asarray(lam, jnp.float32), valid=valid,
+                 num_valid=jnp.sum(valid, dtype=jnp.int32), backward=backward,
+                 uniform=uniform, use_jacobi=use_jacobi)
+
+
+def counts_of(masks: jax.Array) -> jax.Array:
+  """i32[P, K] layer counts of ``masks bool[P, M, K]``."""
+  return jnp.sum(masks, axis=-2, dtype=jnp.int32)
+
+
+def client_gains(prob: Problem, held: jax.Array, counts: jax.Array):
+  """Marginal objective of each client holding each layer, the others fixed.
+
+  Adding layer l is worth ``s_il - lam (M - 1 - 2 S_{-i,l})``. The integer
+  part (the pressure) stays exact so that layers with equal counts compare
+  by score alone even when ``lam M`` dwarfs the scores.
 
   Args:
-    values: f32[..., K].
-    costs: f32[K].
-    budget: f32[...].
+    prob: the problem.
+    held: i32[..., M, K] current masks.
+    counts: i32[..., K].
 
   Returns:
-    bool[..., K]; ties go to the subset listed first (fewer, lower layers).
+    ``(pressure i32[..., M, K], gain f32[..., M, K])``.
   """
-  k = values.shape[-1]
-  table = np.array(list(itertools.product([0, 1], repeat=k)), np.float32)
-  table = jnp.asarray(table[np.argsort(table.sum(1), kind="stable")])
-  subset_cost = table @ costs  # [2^K]
-  # A negative item adds 0 here, so a subset holding one ties with the same
-  # subset without it, which comes first (fewer layers) and wins the argmax.
-  subset_value = jnp.einsum("...k,sk->...s", jnp.maximum(values, 0.0), table)
-  fits = subset_cost <= budget[..., None]
-  best = jnp.argmax(jnp.where(fits, subset_value, -jnp.inf), -1)
-  return table[best] > 0.5
+  pressure = prob.num_valid - 1 - 2 * (counts[..., None, :] - held)
+  return pressure, prob.scores - prob.lam * pressure.astype(jnp.float32)
 
 
-def _knapsack_unequal(values, costs, budget):
-  if costs.shape[-1] <= ENUMERATE_MAX_LAYERS:
-    return _knapsack_enumerate(values, costs, budget)
-  return _knapsack_general(values, costs, budget)
+def initial_starts(prob: Problem, num_starts: int) -> jax.Array:
+  """bool[P, M, K]: the starting points, side by side.
 
-
-def _costs_uniform(costs: jax.Array) -> jax.Array:
-  return jnp.all(costs == costs[0])
-
-
-# ----------------------------------------------------------------------------
-# The in-graph solver.
-
-
-def _best_response_solve(scores, costs, budgets, lam, valid, num_starts,
-                         max_iters, num_kicks, uniform, use_jacobi, knapsack):
-  """Multi-start local search for P1 (see :func:`solve_p1`)."""
-  num_clients, num_layers = scores.shape
-  num_valid = jnp.sum(valid, dtype=jnp.int32)
-  # Starts, side by side: (1) per-client knapsack on a blend of own and mean
-  # scores, alpha = 0 (own top-b, the exact answer at lam = 0) to alpha = 1;
-  # (2) strict consensus: every client takes the set that the mean scores
-  # pick under the smallest budget (the answer for large lam); (3) nothing
-  # (the answer when lam * M outweighs every score).
-  mean_scores = jnp.sum(jnp.where(valid[:, None], scores, 0.0), axis=0) / (
-      jnp.maximum(num_valid, 1).astype(jnp.float32))
+  (1) each client's knapsack on ``(1 - a) s_i + a mean_j s_j`` for
+  ``P - 2`` values of ``a`` in [0, 1] (``a = 0`` first: own top-b, exact
+  at ``lam = 0``); (2) strict consensus: every client takes the set the
+  mean scores pick under the smallest budget (large ``lam > 0``); (3)
+  nothing (when ``lam M`` outweighs every score).
+  """
+  valid = prob.valid
+  mean_scores = jnp.sum(jnp.where(valid[:, None], prob.scores, 0.0), axis=0) / (
+      jnp.maximum(prob.num_valid, 1).astype(jnp.float32))
   num_blends = max(num_starts - 2, 1)
   alphas = jnp.linspace(0.0, 1.0, num_blends) if num_blends > 1 else jnp.zeros(1)
-  blended = (1 - alphas[:, None, None]) * scores + alphas[:, None, None] * mean_scores
-  masks0 = knapsack(blended, costs, jnp.broadcast_to(budgets, (num_blends, num_clients)))
+  blended = (1 - alphas[:, None, None]) * prob.scores + alphas[:, None, None] * mean_scores
+  masks = prob.respond(blended, jnp.broadcast_to(prob.budgets, blended.shape[:2]))
   if num_starts > 1:
-    min_budget = jnp.min(jnp.where(valid, budgets, jnp.inf))
-    common = knapsack(mean_scores, costs, min_budget)
-    masks0 = jnp.concatenate(
-        [masks0, jnp.broadcast_to(common, masks0[:1].shape)])
+    common = prob.respond(mean_scores, jnp.min(jnp.where(valid, prob.budgets, jnp.inf)))
+    masks = jnp.concatenate([masks, jnp.broadcast_to(common, masks[:1].shape)])
   if num_starts > 2:
-    masks0 = jnp.concatenate([masks0, jnp.zeros_like(masks0[:1])])
-  masks0 = masks0 & valid[None, :, None]  # [P, M, K]
+    masks = jnp.concatenate([masks, jnp.zeros_like(masks[:1])])
+  return masks & valid[None, :, None]
+
+
+def joint_gain(prob: Problem, movers: jax.Array, delta: jax.Array, diff: jax.Array
+               ) -> jax.Array:
+  """f32[P]: exact objective change when the ``movers`` move together.
+
+  Their own gains plus ``lam sum_l (D_l^2 - sum_i d_il^2)``, ``D_l = sum_i
+  d_il``: moves in the same direction help each other if ``lam > 0`` and
+  hurt each other if ``lam < 0``.
+
+  Args:
+    prob: the problem.
+    movers: bool[P, M]; delta: f32[P, M] single gains; diff: i32[P, M, K].
+  """
+  diff = jnp.where(movers[..., None], diff, 0)
+  moved = jnp.sum(diff, axis=1)
+  cross = jnp.sum(moved * moved - jnp.sum(diff * diff, axis=1), axis=-1)
+  return jnp.sum(jnp.where(movers, delta, 0.0), axis=-1) + prob.lam * cross.astype(jnp.float32)
+
+
+def jacobi_step(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """All clients' best responses at once, as far as that still improves.
+
+  A start takes all improving moves if together they improve; else the moves
+  that agree, on every layer, with one direction (that of the best single
+  move where it moves, else the one carrying more gain) if those improve;
+  else the best single move alone. Each candidate set's change is exact
+  (:func:`joint_gain`), so the objective never drops, and a step without
+  movers is a fixed point of the client moves.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  held = masks.astype(jnp.int32)
+  pressure, gain = client_gains(prob, held, counts)
+  new = prob.respond(gain, jnp.broadcast_to(prob.budgets, masks.shape[:2]))
+  diff = new.astype(jnp.int32) - held
+  delta = (jnp.sum(prob.scores * diff, axis=-1)
+           - prob.lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
+  improve = prob.valid & (delta > 1e-7 * jnp.sum(jnp.abs(prob.scores), axis=-1))  # [P, M]
+  weight = jnp.where(improve, delta, 0.0)
+  up = jnp.sum(jnp.where(diff > 0, weight[..., None], 0.0), axis=1)  # [P, K]
+  down = jnp.sum(jnp.where(diff < 0, weight[..., None], 0.0), axis=1)
+  best_client = jnp.argmax(weight, axis=1)
+  best = jnp.take_along_axis(diff, best_client[:, None, None], 1)
+  direction = jnp.where(best != 0, best, jnp.where(up >= down, 1, -1)[:, None, :])
+  agree = improve & jnp.all((diff == 0) | (diff == direction), axis=-1)
+  single = improve & (jnp.arange(masks.shape[1]) == best_client[:, None])
+  take = jnp.where((joint_gain(prob, agree, delta, diff) > 0)[:, None], agree, single)
+  take = jnp.where((joint_gain(prob, improve, delta, diff) > prob.tol)[:, None], improve, take)
+  masks = jnp.where(take[..., None], new, masks)
+  return masks, counts_of(masks), jnp.any(take)
+
+
+def client_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Clients respond one after another (Gauss-Seidel), each seeing the
+  others' latest masks; a response is kept only if it improves.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  num_starts = masks.shape[0]
 
   def client_step(counts, xs):
     score_i, budget_i, valid_i, mask_i = xs  # [K], [], [], [P, K]
-    others = counts - mask_i.astype(jnp.int32)  # S_{-i}: [P, K]
-    # Marginal objective of adding layer l: s_il - lam (M - 1 - 2 S_{-i,l}).
-    # The integer part is kept exact so that moves between layers with equal
-    # counts compare scores only, even when lam * M dwarfs them.
-    pressure = num_valid - 1 - 2 * others  # i32[P, K]
-    gain = score_i - lam * pressure.astype(jnp.float32)
-    new = knapsack(gain, costs, jnp.broadcast_to(budget_i, (num_starts,)))
-    diff = new.astype(jnp.int32) - mask_i.astype(jnp.int32)
+    held = mask_i.astype(jnp.int32)
+    pressure = prob.num_valid - 1 - 2 * (counts - held)
+    gain = score_i - prob.lam * pressure.astype(jnp.float32)
+    new = prob.respond(gain, jnp.broadcast_to(budget_i, (num_starts,)))
+    diff = new.astype(jnp.int32) - held
     delta = (jnp.sum(score_i * diff, axis=-1)
-             - lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
+             - prob.lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
     accept = valid_i & (delta > 1e-7 * jnp.sum(jnp.abs(score_i)))
     new = jnp.where(accept[:, None], new, mask_i)
-    return others + new.astype(jnp.int32), (new, accept)
+    return counts - held + new.astype(jnp.int32), (new, accept)
 
-  def joint_gain(improve, delta, diff):
-    # Exact objective change of applying the moves of the `improve` clients
-    # together: their own gains plus lam * sum_l (D_l^2 - sum_i d_il^2),
-    # D_l = sum_i d_il (same-direction moves help each other).
-    diff = jnp.where(improve[..., None], diff, 0)
-    moved = jnp.sum(diff, axis=1)  # [P, K]
-    cross = jnp.sum(moved * moved - jnp.sum(diff * diff, axis=1), axis=-1)
-    return (jnp.sum(jnp.where(improve, delta, 0.0), axis=-1)
-            + lam * cross.astype(jnp.float32))
+  xs = (prob.scores, prob.budgets, prob.valid, jnp.swapaxes(masks, 0, 1))
+  counts, (new, accepted) = jax.lax.scan(client_step, counts, xs)
+  return jnp.swapaxes(new, 0, 1), counts, jnp.any(accepted)
 
-  def jacobi_step(masks, counts):
-    # All clients' best responses at once. A start takes all improving moves
-    # if together they still improve; otherwise only the moves that agree,
-    # on every layer, with one direction (add / drop): that of the best
-    # single move where it moves, else the one carrying more gain. With no
-    # opposite moves on a layer the joint gain is >= the sum of the single
-    # gains > 0, so every step improves and a step without movers proves a
-    # fixed point of the client moves.
-    held = masks.astype(jnp.int32)
-    pressure = num_valid - 1 - 2 * (counts[:, None, :] - held)  # [P, M, K]
-    gain = scores - lam * pressure.astype(jnp.float32)
-    new = knapsack(gain, costs, jnp.broadcast_to(budgets, masks.shape[:2]))
-    diff = new.astype(jnp.int32) - held
-    delta = (jnp.sum(scores * diff, axis=-1)
-             - lam * jnp.sum(pressure * diff, axis=-1).astype(jnp.float32))
-    improve = valid & (delta > 1e-7 * jnp.sum(jnp.abs(scores), axis=-1))  # [P, M]
-    weight = jnp.where(improve, delta, 0.0)
-    up = jnp.sum(jnp.where(diff > 0, weight[..., None], 0.0), axis=1)  # [P, K]
-    down = jnp.sum(jnp.where(diff < 0, weight[..., None], 0.0), axis=1)
-    # The best single move always agrees, so the agreeing set is never empty.
-    best = jnp.take_along_axis(diff, jnp.argmax(weight, axis=1)[:, None, None], 1)
-    direction = jnp.where(best != 0, best, jnp.where(up >= down, 1, -1)[:, None, :])
-    agree = improve & jnp.all((diff == 0) | (diff == direction), axis=-1)
-    tol = 1e-7 * jnp.sum(jnp.abs(scores))
-    take = jnp.where((joint_gain(improve, delta, diff) > tol)[:, None], improve, agree)
-    masks = jnp.where(take[..., None], new, masks)
-    counts = jnp.sum(masks, axis=1, dtype=jnp.int32)
-    return masks, counts, jnp.any(take), jnp.bool_(False)
 
-  def client_sweep(masks, counts):
-    xs = (scores, budgets, valid, jnp.swapaxes(masks, 0, 1))
-    counts, (new, accepted) = jax.lax.scan(client_step, counts, xs)
-    return jnp.swapaxes(new, 0, 1), counts, jnp.any(accepted)
+def layer_sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Column moves, layer by layer with the others fixed: drop the layer from
+  every client, or give it to every client that can afford it next to its
+  other layers (consensus moves no single client can make alone).
 
-  def layer_step(used, column):
-    # Column move on one layer, the others fixed: drop it from every client,
-    # or give it to every client that can afford it next to its other layers
-    # (the consensus moves that single clients cannot make on their own).
-    held, s_l, cost_l = column  # [P, M], [M], []
-    used_other = used - jnp.where(held, cost_l, 0.0)
-    can = valid & (used_other + cost_l <= budgets)  # [P, M]
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  del counts
+  valid, budgets, m = prob.valid, prob.budgets, prob.num_valid
+
+  def column_value(held, can, s_l):
+    # held, can: bool[P, M]; s_l: f32[M] -> (new column, moved bool[P]).
     cur = jnp.sum(held, axis=-1, dtype=jnp.int32)
     cur_value = (jnp.sum(jnp.where(held, s_l, 0.0), axis=-1)
-                 - lam * (cur * (num_valid - cur)).astype(jnp.float32))
+                 - prob.lam * (cur * (m - cur)).astype(jnp.float32))
     n_can = jnp.sum(can, axis=-1, dtype=jnp.int32)
     all_value = (jnp.sum(jnp.where(can, s_l, 0.0), axis=-1)
-                 - lam * (n_can * (num_valid - n_can)).astype(jnp.float32))
+                 - prob.lam * (n_can * (m - n_can)).astype(jnp.float32))
     tol = 1e-6 * (1.0 + jnp.abs(cur_value))
+    # Dropping is worth 0, so a take that is still negative never beats it.
     take_all = (all_value - cur_value > tol) & (all_value >= 0)
     drop_all = ~take_all & (-cur_value > tol)
     new_col = jnp.where(take_all[:, None], can, held & ~drop_all[:, None])
-    return used_other + jnp.where(new_col, cost_l, 0.0), (new_col, take_all | drop_all)
+    return new_col, take_all | drop_all
 
-  def layer_sweep(masks, counts):
-    used = jnp.sum(jnp.where(masks, costs, 0.0), axis=-1)
-    columns = (jnp.moveaxis(masks, -1, 0), scores.T, costs)
-    _, (new, accepted) = jax.lax.scan(layer_step, used, columns)
-    masks = jnp.moveaxis(new, 0, -1)
-    return masks, jnp.sum(masks, axis=1, dtype=jnp.int32), jnp.any(accepted)
+  def layer_step(used, column):
+    held, s_l, cost_l = column  # [P, M], [M], []
+    used_other = used - jnp.where(held, cost_l, 0.0)
+    can = valid & (used_other + cost_l <= budgets)
+    new_col, moved = column_value(held, can, s_l)
+    return used_other + jnp.where(new_col, cost_l, 0.0), (new_col, moved)
 
-  def transfer_terms_uniform(masks):
-    # Equal costs: every holder of a without b can switch, so the sums over
-    # movers are matrix products. Returns [P, K_a, K_b] terms.
-    h = (masks & valid[:, None]).astype(jnp.float32)  # [P, M, K]
-    hs = h * scores
-    both = jnp.einsum("pma,pmb->pab", h, h)
-    moved = jnp.round(jnp.sum(h, axis=1)[:, :, None] - both).astype(jnp.int32)
-    held_s = jnp.sum(hs, axis=1)[:, :, None]  # sum_i h_ia s_ia
-    both_s_a = jnp.einsum("pma,pmb->pab", hs, h)  # sum_i h_ia h_ib s_ia
-    both_s_b = jnp.einsum("pma,pmb->pab", h, hs)  # sum_i h_ia h_ib s_ib
-    to_b = jnp.einsum("pma,mb->pab", h, scores)  # sum_i h_ia s_ib
-    moved_s_a = held_s - both_s_a
-    return moved, (to_b - both_s_b) - moved_s_a, moved_s_a
+  if prob.depth:
+    return _layer_sweep_depth(prob, masks, column_value)
+  used = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)
+  columns = (jnp.moveaxis(masks, -1, 0), prob.scores.T, prob.costs)
+  _, (new, accepted) = jax.lax.scan(layer_step, used, columns)
+  masks = jnp.moveaxis(new, 0, -1)
+  return masks, counts_of(masks), jnp.any(accepted)
 
-  def movers_for(masks, used, source):
-    # bool[P, M, K_b]: holders of `source` that can switch it to layer b.
-    return (valid[None, :, None] & masks[:, :, source, None] & ~masks
-            & (used[:, :, None] - costs[source] + costs <= budgets[None, :, None]))
 
-  def transfer_terms_general(masks):
-    used = jnp.sum(jnp.where(masks, costs, 0.0), axis=-1)  # [P, M]
+def _layer_sweep_depth(prob: Problem, masks: jax.Array, column_value):
+  """:func:`layer_sweep` under depth-aware budgets: whether a client can
+  take layer l depends on its lowest block, so the masks are carried."""
+  num_layers = masks.shape[-1]
 
-    def per_source(source):
-      movers = movers_for(masks, used, source)
-      s_a = scores[:, source, None]
-      return (jnp.sum(movers, axis=1, dtype=jnp.int32),
-              jnp.sum(jnp.where(movers, scores - s_a, 0.0), axis=1),
-              jnp.sum(jnp.where(movers, s_a, 0.0), axis=1))
+  def layer_step(masks, l):
+    is_l = jnp.arange(num_layers) == l
+    held = masks[..., l]
+    other = masks & ~is_l
+    can = prob.valid & (prob.set_cost(other | is_l) <= prob.budgets)
+    new_col, moved = column_value(held, can, prob.scores[:, l])
+    masks = jnp.where(is_l, new_col[..., None], masks)
+    return masks, moved
 
-    terms = jax.lax.map(per_source, jnp.arange(num_layers))
-    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), terms)
+  masks, accepted = jax.lax.scan(layer_step, masks, jnp.arange(num_layers))
+  return masks, counts_of(masks), jnp.any(accepted)
 
-  def transfer_step(masks, counts):
-    # Objective change when every holder of layer a that can afford b
-    # switches a -> b, optionally with everyone left on a dropping it: the
-    # coordinated moves that client and column moves cannot make.
+
+def _movers(prob: Problem, masks, used, source):
+  """bool[P, M, K_b]: holders of ``source`` that can switch it to layer b.
+
+  ``used`` f32[P, M] is the additive part of the masks' cost.
+  """
+  after = used[:, :, None] - prob.costs[source] + prob.costs
+  if prob.depth:
+    without = masks & (jnp.arange(masks.shape[-1]) != source)
+    lowest = jnp.minimum(costs_lib.lowest_selected(without)[..., None],
+                         jnp.arange(masks.shape[-1]))
+    after = after + prob.backward[lowest]
+  return (prob.valid[None, :, None] & masks[:, :, source, None] & ~masks
+          & (after <= prob.budgets[None, :, None]))
+
+
+def _transfer_terms_uniform(prob: Problem, masks):
+  """Equal costs: every holder of a without b can switch, so the sums over
+  movers are matrix products. Returns [P, K_a, K_b] terms."""
+  h = (masks & prob.valid[:, None]).astype(jnp.float32)  # [P, M, K]
+  hs = h * prob.scores
+  both = jnp.einsum("pma,pmb->pab", h, h)
+  moved = jnp.round(jnp.sum(h, axis=1)[:, :, None] - both).astype(jnp.int32)
+  held_s = jnp.sum(hs, axis=1)[:, :, None]
+  both_s_a = jnp.einsum("pma,pmb->pab", hs, h)
+  both_s_b = jnp.einsum("pma,pmb->pab", h, hs)
+  to_b = jnp.einsum("pma,mb->pab", h, prob.scores)
+  moved_s_a = held_s - both_s_a
+  return moved, (to_b - both_s_b) - moved_s_a, moved_s_a
+
+
+def _transfer_terms_general(prob: Problem, masks):
+  used = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)  # [P, M]
+
+  def per_source(source):
+    movers = _movers(prob, masks, used, source)
+    s_a = prob.scores[:, source, None]
+    return (jnp.sum(movers, axis=1, dtype=jnp.int32),
+            jnp.sum(jnp.where(movers, prob.scores - s_a, 0.0), axis=1),
+            jnp.sum(jnp.where(movers, s_a, 0.0), axis=1))
+
+  terms = jax.lax.map(per_source, jnp.arange(prob.costs.shape[0]))
+  return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), terms)
+
+
+def transfer_step(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Every holder of layer a that can afford b switches a -> b (optionally
+  with everyone left on a dropping it), the best pair (a, b) per start: the
+  coordinated moves that client and column moves cannot make.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  m, lam = prob.num_valid, prob.lam
+  num_starts, _, num_layers = masks.shape
+  if prob.depth:
+    moved, dscore, moved_s_a = _transfer_terms_general(prob, masks)
+  elif prob.uniform is None:
     moved, dscore, moved_s_a = jax.lax.cond(
-        uniform, transfer_terms_uniform, transfer_terms_general, masks)
-    s_a, s_b = counts[:, :, None], counts[:, None, :]
-    left = s_a - moved
-    before = s_a * (num_valid - s_a) + s_b * (num_valid - s_b)
-    after = left * (num_valid - left) + (s_b + moved) * (num_valid - s_b - moved)
-    delta = dscore - lam * (after - before).astype(jnp.float32)
-    held_s = jnp.sum(jnp.where(masks & valid[:, None], scores, 0.0), axis=1)
-    drop = (moved_s_a - held_s[:, :, None]
-            + lam * (left * (num_valid - left)).astype(jnp.float32))
-    delta = jnp.where(moved > 0, delta + jnp.maximum(drop, 0.0), -jnp.inf)
-    flat = delta.reshape(num_starts, -1)
-    best = jnp.argmax(flat, axis=-1)
-    best_delta = jnp.max(flat, axis=-1)
-    source, target = best // num_layers, best % num_layers
-    accept = best_delta > 1e-6 * (1.0 + jnp.abs(best_delta))
-    # Each start makes its own best move.
-    used = jnp.sum(jnp.where(masks, costs, 0.0), axis=-1)
-    movers = jax.vmap(lambda m, u, a, b: movers_for(m[None], u[None], a)[0, :, b])(
-        masks, used, source, target)  # [P, M]
-    with_drop = drop.reshape(num_starts, -1)[jnp.arange(num_starts), best] > 0
-    layer = jnp.arange(num_layers)
-    leave = (movers | with_drop[:, None])[..., None] & (layer == source[:, None, None])
-    join = movers[..., None] & (layer == target[:, None, None])
-    new = (masks & ~leave) | join
-    masks = jnp.where(accept[:, None, None], new, masks)
-    return masks, jnp.sum(masks, axis=1, dtype=jnp.int32), jnp.any(accept)
+        jnp.all(prob.costs == prob.costs[0]), _transfer_terms_uniform,
+        _transfer_terms_general, prob, masks)
+  else:
+    terms = _transfer_terms_uniform if prob.uniform else _transfer_terms_general
+    moved, dscore, moved_s_a = terms(prob, masks)
+  s_a, s_b = counts[:, :, None], counts[:, None, :]
+  left = s_a - moved
+  before = s_a * (m - s_a) + s_b * (m - s_b)
+  after = left * (m - left) + (s_b + moved) * (m - s_b - moved)
+  delta = dscore - lam * (after - before).astype(jnp.float32)
+  held_s = jnp.sum(jnp.where(masks & prob.valid[:, None], prob.scores, 0.0), axis=1)
+  drop = moved_s_a - held_s[:, :, None] + lam * (left * (m - left)).astype(jnp.float32)
+  delta = jnp.where(moved > 0, delta + jnp.maximum(drop, 0.0), -jnp.inf)
+  flat = delta.reshape(num_starts, -1)
+  best = jnp.argmax(flat, axis=-1)
+  best_delta = jnp.max(flat, axis=-1)
+  source, target = best // num_layers, best % num_layers
+  accept = best_delta > 1e-6 * (1.0 + jnp.abs(best_delta))
+  used = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)
+  movers = jax.vmap(lambda mk, u, a, b: _movers(prob, mk[None], u[None], a)[0, :, b])(
+      masks, used, source, target)  # [P, M]
+  with_drop = drop.reshape(num_starts, -1)[jnp.arange(num_starts), best] > 0
+  layer = jnp.arange(num_layers)
+  leave = (movers | with_drop[:, None])[..., None] & (layer == source[:, None, None])
+  join = movers[..., None] & (layer == target[:, None, None])
+  masks = jnp.where(accept[:, None, None], (masks & ~leave) | join, masks)
+  return masks, counts_of(masks), jnp.any(accept)
 
-  def no_move(masks, counts):
-    return masks, counts, jnp.bool_(False)
 
-  def sweep(carry):
+def sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """One climbing step: client moves (joint where it fits in memory, else
+  sequential), a column sweep, and transfers only at a fixed point of both.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  step = jacobi_step if prob.use_jacobi else client_sweep
+  masks, counts, changed_c = step(prob, masks, counts)
+  masks, counts, changed_l = layer_sweep(prob, masks, counts)
+  stuck = ~(changed_c | changed_l)
+  masks, counts, changed_t = jax.lax.cond(
+      stuck, transfer_step, lambda p, mk, c: (mk, c, jnp.bool_(False)), prob, masks, counts)
+  return masks, counts, changed_c | changed_l | changed_t
+
+
+def ascend(prob: Problem, masks: jax.Array, max_iters: int) -> jax.Array:
+  """bool[P, M, K]: climb every start until no move improves or
+  ``max_iters`` sweeps."""
+
+  def body(carry):
     masks, counts, _, it = carry
-    # Client moves: the vectorised joint step where its batch of knapsacks
-    # fits (always with equal costs), else a sequential sweep.
-    masks, counts, changed_j, pending = jax.lax.cond(
-        use_jacobi, jacobi_step,
-        lambda m, c: (m, c, jnp.bool_(False), jnp.bool_(True)), masks, counts)
-    masks, counts, changed_s = jax.lax.cond(
-        pending, client_sweep, no_move, masks, counts)
-    changed_c = changed_j | changed_s
-    masks, counts, changed_l = layer_sweep(masks, counts)
-    # Coordinated transfers only at a fixed point of the cheaper moves.
-    stuck = ~(changed_c | changed_l)
-    masks, counts, changed_t = jax.lax.cond(
-        stuck, transfer_step, no_move, masks, counts)
-    return masks, counts, changed_c | changed_l | changed_t, it + 1
+    masks, counts, changed = sweep(prob, masks, counts)
+    return masks, counts, changed, it + 1
 
   def keep_going(carry):
-    _, _, changed, it = carry
-    return changed & (it < max_iters)
+    return carry[2] & (carry[3] < max_iters)
 
-  def ascend(masks):
-    counts = jnp.sum(masks, axis=1, dtype=jnp.int32)
-    masks, counts, _, _ = jax.lax.while_loop(
-        keep_going, sweep, (masks, counts, jnp.bool_(True), jnp.int32(0)))
-    return masks, counts
+  init = (masks, counts_of(masks), jnp.bool_(True), jnp.int32(0))
+  return jax.lax.while_loop(keep_going, body, init)[0]
 
-  def best_of(masks, counts):
-    # Compare to entry 0 (kept on ties) so that the exact integer penalty
-    # difference is not lost next to a large penalty.
-    gains = jnp.sum(jnp.where(masks, scores, 0.0), axis=(1, 2))
-    pairs = _disagreement_pairs(counts, num_valid)
-    rel = (gains - gains[0]) - lam * (pairs - pairs[0]).astype(jnp.float32)
-    return masks[jnp.argmax(rel)]
 
-  def insert_kick(best, forced):
-    # Start p forces layer forced[p] on every client that can afford it; to
-    # make room a client keeps its held layers by decreasing gain per cost,
-    # skipping those that no longer fit. This leaves fixed points where the
-    # cohort agrees on a wrong layer: reaching the better consensus needs
-    # many clients to switch at once, and every step on the way is worse.
-    # [P] -> [P, M, K].
-    counts = jnp.sum(best, axis=0, dtype=jnp.int32)
-    pressure = num_valid - 1 - 2 * (counts - best.astype(jnp.int32))  # [M, K]
-    gain = scores - lam * pressure.astype(jnp.float32)
-    rank = _rank_descending(jnp.where(best, gain / costs, -jnp.inf))  # [M, K]
-    is_forced = jnp.arange(num_layers) == forced[:, None]  # [P, K]
-    room = budgets - costs[forced][:, None]  # [P, M]
+def best_of(prob: Problem, masks: jax.Array) -> jax.Array:
+  """bool[M, K]: the start with the largest objective, entry 0 on ties.
 
-    def keep_next(used, r):
-      # The held layer ranked r-th (none: cost 0) stays if it still fits.
-      cost_r = jnp.sum(jnp.where(best & (rank == r), costs, 0.0), axis=-1)  # [M]
-      keep = used + cost_r <= room
-      return used + jnp.where(keep, cost_r, 0.0), keep
+  Compared to entry 0 so that the exact integer penalty difference is not
+  lost next to a large penalty.
+  """
+  gains = jnp.sum(jnp.where(masks, prob.scores, 0.0), axis=(1, 2))
+  pairs = disagreement_pairs(counts_of(masks), prob.num_valid)
+  rel = (gains - gains[0]) - prob.lam * (pairs - pairs[0]).astype(jnp.float32)
+  return masks[jnp.argmax(rel)]
 
-    _, keep = jax.lax.scan(keep_next, jnp.zeros_like(room), jnp.arange(num_layers))
-    keep = jnp.moveaxis(keep, 0, -1)  # [P, M, rank]
-    keep = jnp.take_along_axis(keep, jnp.broadcast_to(rank, keep.shape), axis=-1)
-    inserted = (best[None] & keep) | is_forced[:, None, :]
-    holds = jnp.any(best[None] & is_forced[:, None, :], axis=-1)  # [P, M]
-    moves = valid & (room >= 0) & ~holds
-    return jnp.where(moves[..., None], inserted, best[None])
 
-  def kick(best, round_):
-    # Perturbations of the best answer, one per start, to climb from again.
-    # The first ceil(P/2) starts insert one of the layers with the most score
-    # mass left out (insert_kick); the others clear one of the most contested
-    # layers (ruin and recreate: fixed points that need several clients to
-    # change several layers at once). Later rounds try the next layers.
-    num_insert = (num_starts + 1) // 2
-    start = jnp.arange(num_starts)
-    shift = round_ - 1
-    left_out = jnp.sum(jnp.where(valid[:, None] & ~best, scores, 0.0), axis=0)
-    forced = _descending_order(left_out)[(start + shift * num_insert) % num_layers]
-    counts = jnp.sum(best, axis=0, dtype=jnp.int32)
-    contested = _descending_order(counts * (num_valid - counts))
-    ruined = contested[(start - num_insert + shift * (num_starts - num_insert))
-                       % num_layers]
-    ruin = best[None] & (jnp.arange(num_layers) != ruined[:, None])[:, None, :]
-    return jnp.where((start < num_insert)[:, None, None], insert_kick(best, forced),
-                     ruin)
+def insert_kick(prob: Problem, best: jax.Array, forced: jax.Array) -> jax.Array:
+  """bool[P, M, K]: start p forces layer ``forced[p]`` on every client that
+  can afford it; to make room a client keeps its held layers by decreasing
+  gain per cost, skipping those that no longer fit.
+
+  This leaves fixed points where the cohort agrees on a wrong layer:
+  reaching the better consensus needs many clients to switch at once, and
+  every step on the way is worse.
+
+  Args:
+    prob: the problem.
+    best: bool[M, K] the best answer so far.
+    forced: i32[P] the layer each start forces.
+  """
+  costs, budgets, num_layers = prob.costs, prob.budgets, prob.costs.shape[0]
+  _, gain = client_gains(prob, best.astype(jnp.int32), counts_of(best))
+  rank = knap.rank_descending(jnp.where(best, gain / costs, -jnp.inf))  # [M, K]
+  is_forced = jnp.arange(num_layers) == forced[:, None]  # [P, K]
+  room = budgets - costs[forced][:, None]  # [P, M]
+
+  def keep_next(used, r):
+    # The held layer ranked r-th (none: cost 0) stays if it still fits.
+    cost_r = jnp.sum(jnp.where(best & (rank == r), costs, 0.0), axis=-1)  # [M]
+    keep = used + cost_r <= room
+    return used + jnp.where(keep, cost_r, 0.0), keep
+
+  _, keep = jax.lax.scan(keep_next, jnp.zeros_like(room), jnp.arange(num_layers))
+  keep = jnp.moveaxis(keep, 0, -1)  # [P, M, rank]
+  keep = jnp.take_along_axis(keep, jnp.broadcast_to(rank, keep.shape), axis=-1)
+  inserted = (best[None] & keep) | is_forced[:, None, :]
+  holds = jnp.any(best[None] & is_forced[:, None, :], axis=-1)  # [P, M]
+  moves = prob.valid & (room >= 0) & ~holds
+  if prob.depth:  # the kept layers fit their weight costs; check the whole set
+    moves &= prob.set_cost(inserted) <= budgets
+  return jnp.where(moves[..., None], inserted, best[None])
+
+
+def ruin_kick(best: jax.Array, ruined: jax.Array) -> jax.Array:
+  """bool[P, M, K]: start p clears layer ``ruined[p]`` from every client
+  (ruin and recreate: leaves fixed points that need several clients to
+  change several layers at once)."""
+  return best[None] & (jnp.arange(best.shape[-1]) != ruined[:, None])[:, None, :]
+
+
+def kick(prob: Problem, best: jax.Array, round_: jax.Array, num_starts: int) -> jax.Array:
+  """bool[P, M, K]: perturbations of the best answer, one per start.
+
+  The first ``ceil(P/2)`` insert one of the layers with the most score mass
+  left out (:func:`insert_kick`), the others clear one of the most contested
+  layers (:func:`ruin_kick`). Kick round r (from 1) tries the next layers.
+  """
+  num_layers = best.shape[-1]
+  num_insert = (num_starts + 1) // 2
+  start = jnp.arange(num_starts)
+  shift = round_ - 1
+  left_out = jnp.sum(jnp.where(prob.valid[:, None] & ~best, prob.scores, 0.0), axis=0)
+  forced = knap.descending_order(left_out)[(start + shift * num_insert) % num_layers]
+  counts = jnp.sum(best, axis=0, dtype=jnp.int32)
+  contested = knap.descending_order(counts * (prob.num_valid - counts))
+  ruined = contested[(start - num_insert + shift * (num_starts - num_insert)) % num_layers]
+  return jnp.where((start < num_insert)[:, None, None], insert_kick(prob, best, forced),
+                   ruin_kick(best, ruined))
+
+
+def solve(prob: Problem, num_starts: int, max_iters: int, num_kicks: int) -> jax.Array:
+  """bool[M, K]: the multi-start driver (see :func:`solve_p1`).
+
+  Round 0 climbs from :func:`initial_starts`, rounds 1..num_kicks from
+  kicks of the best so far, which is kept; one loop keeps a single copy of
+  the ascent in the compiled program.
+  """
+  starts0 = initial_starts(prob, num_starts)
 
   def phase(round_, best):
-    # Round 0 climbs from the starts, later rounds from kicks of the best so
-    # far; one loop keeps a single copy of the ascent in the compiled code.
-    starts = jax.lax.cond(round_ == 0, lambda b: masks0, lambda b: kick(b, round_),
-                          best)
-    masks, _ = ascend(starts)
-    masks = jnp.concatenate([best[None], masks])
-    counts = jnp.sum(masks, axis=1, dtype=jnp.int32)
+    starts = jax.lax.cond(round_ == 0, lambda b: starts0,
+                          lambda b: kick(prob, b, round_, num_starts), best)
+    masks = jnp.concatenate([best[None], ascend(prob, starts, max_iters)])
     # Entry 0 (the previous best) is empty in round 0: skip it there.
     masks = jnp.where(round_ == 0, jnp.roll(masks, -1, axis=0), masks)
-    counts = jnp.where(round_ == 0, jnp.roll(counts, -1, axis=0), counts)
-    return best_of(masks, counts)
+    return best_of(prob, masks)
 
-  return jax.lax.fori_loop(0, 1 + num_kicks, phase, jnp.zeros_like(masks0[0]))
+  best = jax.lax.fori_loop(0, 1 + num_kicks, phase, jnp.zeros_like(starts0[0]))
+  return best & prob.valid[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("uniform", "num_starts", "max_iters",
+                                             "num_kicks"))
+def _solve_jit(scores, costs, budgets, lam, valid, backward, *, uniform, num_starts,
+               max_iters, num_kicks):
+  prob = make_problem(scores, costs, budgets, lam, valid, backward=backward,
+                      uniform=uniform, num_starts=num_starts)
+  return solve(prob, num_starts, max_iters, num_kicks)
 
 
 def solve_p1(scores: jax.Array, costs: jax.Array, budgets: jax.Array, lam, *,
-             client_valid: jax.Array | None = None, num_starts: int = 5,
-             max_iters: int = 30, num_kicks: int = 1) -> jax.Array:
+             client_valid: jax.Array | None = None, backward: jax.Array | None = None,
+             num_starts: int = 5, max_iters: int = 30, num_kicks: int = 1) -> jax.Array:
   """Approximately solves P1 in-graph (jittable, vmappable, always feasible).
 
   P1 is an exact potential game: when client i changes its mask alone, the
   objective changes by its own gain, where adding layer l is worth
-  ``s_il - lam (M - 1 - 2 S_{-i,l})`` given the others' counts ``S_{-i,l}``.
-  The solver climbs with moves that each strictly raise the objective:
+  ``s_il - lam (M - 1 - 2 S_{-i,l})``. The solver climbs with moves that
+  each raise the objective (:func:`sweep`):
 
   * client moves: a client's best response is a knapsack over those gains
     (exact top-``floor(b/c)`` for equal costs, exact enumeration for unequal
     costs and ``K <= ENUMERATE_MAX_LAYERS``, greedy + local improvement
-    above). All clients respond at once when the joint move, or its part
-    that agrees in direction on every layer, still improves (its exact
-    value is known); otherwise a sequential (Gauss-Seidel) sweep;
-  * column moves (sweep over the layers): drop a layer from everyone, or
-    give it to everyone who can afford it;
-  * transfers, when neither sweep changes anything: every holder of layer a
-    that can afford it switches a -> b (optionally everyone drops a), the
-    best pair (a, b).
+    above), all clients at once where that still improves
+    (:func:`jacobi_step`), else one by one (:func:`client_sweep`);
+  * column moves: drop a layer from everyone, or give it to everyone who
+    can afford it (:func:`layer_sweep`);
+  * transfers at a fixed point of both: every holder of a that can afford
+    it switches a -> b (:func:`transfer_step`).
 
-  It stops at a fixed point or after ``max_iters`` sweeps. ``num_starts``
-  starts climb side by side: each client's knapsack on
-  ``(1 - a) s_i + a mean_j s_j`` for ``num_starts - 2`` values of ``a`` in
-  ``[0, 1]`` (``a = 0`` first: own top-b), the set the mean scores pick
-  under the smallest budget for every client (consensus), and the empty
-  selection. Then ``num_kicks`` times: perturb the best answer, once per
-  start, and climb again. Half of the kicks (rounded up) insert a layer the
-  best answer leaves out (most score mass outside it first): every client
-  that can afford it takes it and keeps its other layers by decreasing gain
-  per cost while they fit. This leaves fixed points where the cohort agrees
-  on the wrong layer, which no improving move can leave since each step
-  towards the better consensus loses. The other kicks clear one of the most
-  contested layers (ruin and recreate). Later kick rounds take the next
-  layers. The best answer is returned, start 0 on ties, so at ``lam = 0``
-  with equal costs the result is each client's top-b, identical to
-  :func:`fedsel_jax.selection.select_topk_scores`.
+  ``num_starts`` starts climb side by side (:func:`initial_starts`), then
+  ``num_kicks`` times the best answer is perturbed once per start
+  (:func:`kick`) and climbs again. The best answer is returned, start 0 on
+  ties, so at ``lam = 0`` with equal costs the result is each client's
+  top-b, identical to :func:`fedsel_jax.selection.select_topk_scores`.
 
-  Quality and speed: see experiments/selection/README.md (optimal on all
-  10,000 small random instances of the study; M = 1000, K = 24 in tens of
-  ms on a CPU).
-  Precision: the integer part of the penalty is kept exact in int32, valid
-  for ``M^2 K / 4 < 2^31``.
+  Called from Python (concrete arrays) it runs one jitted program per
+  shapes and settings, so repeated calls do not recompile; the equal-cost
+  switch is decided on the host from concrete ``costs`` (traced costs fall
+  back to a traced switch).
+
+  Quality and speed: experiments/selection/README.md. Precision: the
+  integer part of the penalty is exact in int32 for ``M^2 K / 4 < 2^31``.
 
   Args:
     scores: f32[M, K], normally :func:`fedsel_jax.selection.normalize_scores`
       output; non-finite entries count as 0.
     costs: f32[K] > 0.
     budgets: f32[M].
-    lam: scalar >= 0 (may be traced: changing it does not recompile).
-    client_valid: bool[M] or None; padding clients get all-False masks and do
-      not count in M.
+    lam: finite scalar of either sign (may be traced: changing it does not
+      recompile); ``lam < 0`` rewards disagreement.
+    client_valid: bool[M] or None; padding clients get all-False masks and
+      do not count in M.
+    backward: f32[K + 1] or None: depth-aware budgets (``costs`` are then
+      weight-gradient costs; :class:`fedsel_jax.costs.DepthCosts`). A best
+      response enumerates the client's lowest block (K knapsacks).
     num_starts: static number of starts, P (work grows linearly in P).
     max_iters: static cap on sweeps per climb.
-    num_kicks: static number of kick rounds (perturb the best, climb again).
+    num_kicks: static number of kick rounds.
 
   Returns:
     bool[M, K] feasible masks.
   """
-  scores, costs, budgets, valid = _score_inputs(scores, costs, budgets, client_valid)
-  lam = jnp.asarray(lam, jnp.float32)
-  uniform = _costs_uniform(costs)
-
-  def knapsack(values, costs, budget):
-    return jax.lax.cond(uniform, _knapsack_uniform, _knapsack_unequal,
-                        values, costs, budget)
-
-  # The joint (Jacobi) step solves all M knapsacks at once; with unequal
-  # costs that needs P * M * (2^K or (K+1)^2) cells, so above a size it is
-  # left to the sequential sweep.
-  num_clients, num_layers = scores.shape
-  per_client = (2 ** num_layers if num_layers <= ENUMERATE_MAX_LAYERS
-                else (num_layers + 1) ** 2)
-  use_jacobi = uniform | (num_starts * num_clients * per_client <= JACOBI_MAX_CELLS)
-  return _best_response_solve(scores, costs, budgets, lam, valid, num_starts,
-                              max_iters, num_kicks, uniform, use_jacobi, knapsack)
-
-
-# ----------------------------------------------------------------------------
-# Host-side exact solvers (ground truth for tests and benchmarks).
-
-
-def solve_p1_exact(scores, costs, budgets, lam, *, client_valid=None,
-                   time_limit: float = 10.0, mip_rel_gap: float = 1e-9
-                   ) -> tuple[np.ndarray, dict[str, Any]]:
-  """Solves P1 as a MILP with scipy.optimize.milp (HiGHS); host side.
-
-  Variables: binary ``m_il`` and one-hot ``z_{l,s}`` (s = 0..M) with
-  ``sum_s z_{l,s} = 1`` and ``sum_i m_il = sum_s s z_{l,s}``, so the penalty
-  ``lam sum_l sum_s s (M - s) z_{l,s}`` is linear.
-
-  Args:
-    scores: f32[M, K]; non-finite entries count as 0.
-    costs: f32[K] > 0.
-    budgets: f32[M].
-    lam: scalar >= 0.
-    client_valid: bool[M] or None; padding clients get all-False masks.
-    time_limit: seconds for HiGHS.
-    mip_rel_gap: relative gap at which HiGHS stops.
-
-  Returns:
-    ``(masks bool[M, K], info)``; info holds ``objective`` (P1 value of the
-    returned masks, float64), ``bound`` (HiGHS' upper bound on the optimum),
-    ``gap`` (relative MIP gap), ``status`` (``"optimal"``, ``"time_limit"``,
-    ...), ``seconds``.
-  """
-  from scipy import optimize, sparse  # pylint: disable=g-import-not-at-top
-
-  scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0, posinf=0.0,
-                         neginf=0.0)
-  costs = np.asarray(costs, np.float64)
-  budgets = np.asarray(budgets, np.float64)
-  num_clients, num_layers = scores.shape
-  valid = (np.ones(num_clients, bool) if client_valid is None
-           else np.asarray(client_valid, bool))
-  ids = np.flatnonzero(valid)
-  s, b = scores[ids], budgets[ids]
-  m, k = s.shape
-  n_m, n_z = m * k, k * (m + 1)
-  levels = np.arange(m + 1, dtype=np.float64)
-  # milp minimises: -sum m s + lam sum_l sum_s s (M - s) z_{l,s}.
-  c = np.concatenate([-s.ravel(), np.tile(lam * levels * (m - levels), k)])
-  m_index = np.arange(n_m).reshape(m, k)
-  z_index = n_m + np.arange(n_z).reshape(k, m + 1)
-  # Budget rows: sum_l c_l m_il <= b_i.
-  budget_rows = sparse.csr_array(
-      (np.tile(costs, m), (np.repeat(np.arange(m), k), m_index.ravel())),
-      shape=(m, n_m + n_z))
-  # One-hot rows: sum_s z_{l,s} = 1.
-  onehot_rows = sparse.csr_array(
-      (np.ones(n_z), (np.repeat(np.arange(k), m + 1), z_index.ravel())),
-      shape=(k, n_m + n_z))
-  # Link rows: sum_i m_il - sum_s s z_{l,s} = 0.
-  link_rows = sparse.csr_array(
-      (np.concatenate([np.ones(n_m), -np.tile(levels, k)]),
-       (np.concatenate([np.tile(np.arange(k), m), np.repeat(np.arange(k), m + 1)]),
-        np.concatenate([m_index.ravel(), z_index.ravel()]))),
-      shape=(k, n_m + n_z))
-  constraints = [
-      optimize.LinearConstraint(budget_rows, -np.inf, b),
-      optimize.LinearConstraint(onehot_rows, 1.0, 1.0),
-      optimize.LinearConstraint(link_rows, 0.0, 0.0),
-  ]
-  start = time.perf_counter()
-  res = optimize.milp(c, constraints=constraints, integrality=np.ones(n_m + n_z),
-                      bounds=optimize.Bounds(0, 1),
-                      options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap,
-                               "disp": False})
-  seconds = time.perf_counter() - start
-  masks = np.zeros((num_clients, num_layers), bool)
-  if res.x is not None:
-    masks[ids] = res.x[:n_m].reshape(m, k) > 0.5
-  status = {0: "optimal", 1: "time_limit"}.get(res.status, f"status_{res.status}")
-  bound = getattr(res, "mip_dual_bound", None)
-  info = {
-      "objective": p1_objective_np(masks, scores, lam, valid),
-      "bound": -float(bound) if bound is not None else float("nan"),
-      "gap": float(getattr(res, "mip_gap", np.nan)),
-      "status": status,
-      "message": res.message,
-      "seconds": seconds,
-  }
-  return masks, info
-
-
-def p1_objective_np(masks, scores, lam, client_valid=None) -> float:
-  """float64 host twin of :func:`fedsel_jax.selection.p1_objective`."""
-  masks = np.asarray(masks, bool)
-  valid = (np.ones(masks.shape[0], bool) if client_valid is None
-           else np.asarray(client_valid, bool))
-  m = masks & valid[:, None]
-  s = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-  counts = m.sum(0).astype(np.float64)
-  return float(np.where(m, s, 0.0).sum() - lam * np.sum(counts * (valid.sum() - counts)))
-
-
-def _feasible_subsets(costs: np.ndarray, budget: float) -> np.ndarray:
-  """bool[n, K]: every subset of layers within ``budget`` (incl. empty)."""
-  k = costs.shape[0]
-  subsets = np.array(list(itertools.product([False, True], repeat=k)), bool)
-  return subsets[(subsets * costs).sum(1) <= budget]
-
-
-def solve_p1_brute(scores, costs, budgets, lam, *, client_valid=None
-                   ) -> tuple[np.ndarray, float]:
-  """Exhaustive P1 solver for tests (host side, M and K small).
-
-  Enumerates every feasible subset of every client and combines them by
-  dynamic programming over the count vector ``S in {0..M}^K`` (the penalty
-  depends on the masks only through S): ``best[S]`` = the largest score sum
-  of the clients so far with counts S. Exact; memory ``(M + 1)^K``.
-
-  Args:
-    scores: f32[M, K]; non-finite entries count as 0.
-    costs: f32[K].
-    budgets: f32[M].
-    lam: scalar >= 0.
-    client_valid: bool[M] or None.
-
-  Returns:
-    ``(masks bool[M, K], objective float64)``.
-  """
-  scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0, posinf=0.0,
-                         neginf=0.0)
-  costs = np.asarray(costs, np.float64)
-  num_clients, k = scores.shape
-  valid = (np.ones(num_clients, bool) if client_valid is None
-           else np.asarray(client_valid, bool))
-  ids = np.flatnonzero(valid)
-  m = len(ids)
-  if (m + 1) ** k > 5_000_000:
-    raise ValueError(f"solve_p1_brute: (M+1)^K = {(m + 1) ** k} states is too many")
-  shape = (m + 1,) * k
-  best = np.full(shape, -np.inf)
-  best[(0,) * k] = 0.0
-  choices = []
-  for i in ids:
-    subsets = _feasible_subsets(costs, float(budgets[i]))
-    new = np.full(shape, -np.inf)
-    arg = np.zeros(shape, np.int32)
-    for u, subset in enumerate(subsets):
-      src = tuple(slice(0, m) if t else slice(None) for t in subset)
-      dst = tuple(slice(1, m + 1) if t else slice(None) for t in subset)
-      cand = best[src] + scores[i][subset].sum()
-      better = cand > new[dst]
-      new[dst] = np.where(better, cand, new[dst])
-      arg[dst] = np.where(better, u, arg[dst])
-    best = new
-    choices.append((subsets, arg))
-  grid = np.indices(shape).reshape(k, -1).T.astype(np.float64)
-  total = best.reshape(-1) - lam * np.sum(grid * (m - grid), axis=1)
-  flat = int(np.argmax(total))
-  state = np.array(np.unravel_index(flat, shape))
-  masks = np.zeros((num_clients, k), bool)
-  for i, (subsets, arg) in zip(ids[::-1], choices[::-1]):
-    subset = subsets[arg[tuple(state)]]
-    masks[i] = subset
-    state = state - subset
-  return masks, float(total[flat])
+  scores = jnp.asarray(scores, jnp.float32)
+  valid = valid_or_all(client_valid, scores.shape[0])
+  return _solve_jit(scores, jnp.asarray(costs, jnp.float32),
+                    jnp.asarray(budgets, jnp.float32), jnp.asarray(lam, jnp.float32),
+                    valid, None if backward is None else jnp.asarray(backward, jnp.float32),
+                    uniform=knap.costs_uniform_host(costs), num_starts=num_starts,
+                    max_iters=max_iters, num_kicks=num_kicks)

@@ -93,7 +93,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "client_optim.momentum": _num(0, 1, strict_hi=True),
     "server_optim.momentum": _num(0, 1, strict_hi=True),
     "client_optim.weight_decay": _num(0), "server_optim.weight_decay": _num(0),
-    "selection.lam": _num(0), "selection.sel_gap": _int(1), "selection.sel_batches": _int(0),
+    "selection.lam": _num(),   # either sign: lam < 0 rewards diversity (F3OCUS) "selection.sel_gap": _int(1), "selection.sel_batches": _int(0),
     "selection.cost": _choice(*COSTS), "selection.check_exact": _bool,
     "selection.solver_starts": _int(1),
     "selection.budget.kind": _choice(*BUDGETS), "selection.budget.value": _num(0, strict_lo=True),

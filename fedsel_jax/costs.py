@@ -1,0 +1,299 @@
+"""Budgets and costs: per-client budgets, layer costs and the cost model.
+
+Host side, called once per run from the config (budgets, layer costs), and
+the per-round cost model of SPEC.md ("Cost model"), re-exported by
+:mod:`fedsel_jax.selection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BUDGET_KINDS = ("fixed", "uniform", "truncnorm")
+COST_KINDS = ("unit", "params", "flops")
+
+# Budgets draw from their own stream of the run seed, so adding other uses of
+# the seed (partitions, sampling) never changes them.
+_BUDGET_STREAM = 0xB0D6E7
+
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _require(ok: bool, field: str, allowed: str, got) -> None:
+  if not ok:
+    raise ValueError(f"selection.budget.{field} must be {allowed}, got {got!r}")
+
+
+def draw_budgets(kind: str, num_clients: int, seed: int, *, value=None,
+                 low=None, high=None, mean=None, std=None) -> np.ndarray:
+  """Per-client budgets (in cost units), a pure function of ``seed``.
+
+  Drawn once per run from a stream of ``seed`` reserved for budgets, so a
+  client keeps its budget for the whole run and changes elsewhere in the
+  code never change them.
+
+  Args:
+    kind: ``"fixed"`` (every client ``value``), ``"uniform"`` (integers
+      uniform on ``[low, high]``) or ``"truncnorm"`` (the paper's:
+      ``round(x)``, ``x`` normal(``mean``, ``std``) truncated to
+      ``[low, high]``).
+    num_clients: N >= 1.
+    seed: the run seed.
+    value: fixed budget > 0.
+    low, high: integers, ``1 <= low <= high`` (uniform, truncnorm).
+    mean, std: finite, ``std > 0`` (truncnorm).
+
+  Returns:
+    f32[N] budgets.
+
+  Raises:
+    ValueError: naming the offending ``selection.budget.*`` field.
+  """
+  _require(kind in BUDGET_KINDS, "kind", f"one of {BUDGET_KINDS}", kind)
+  _require(_is_int(num_clients) and num_clients >= 1, "num_clients",
+           "an integer >= 1", num_clients)
+  rng = np.random.default_rng([int(seed), _BUDGET_STREAM])
+  if kind == "fixed":
+    _require(value is not None and np.isfinite(value) and value > 0, "value",
+             "a finite number > 0", value)
+    return np.full((num_clients,), value, np.float32)
+  _require(_is_int(low) and low >= 1, "low", "an integer >= 1", low)
+  _require(_is_int(high) and high >= low, "high",
+           f"an integer >= selection.budget.low ({low})", high)
+  if kind == "uniform":
+    return rng.integers(low, high, endpoint=True, size=num_clients).astype(np.float32)
+  _require(mean is not None and np.isfinite(mean), "mean", "a finite number", mean)
+  _require(std is not None and np.isfinite(std) and std > 0, "std",
+           "a finite number > 0", std)
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  x = stats.truncnorm.rvs((low - mean) / std, (high - mean) / std, loc=mean,
+                          scale=std, size=num_clients, random_state=rng)
+  return np.clip(np.rint(x), low, high).astype(np.float32)
+
+
+def layer_costs(kind: str = "unit", *, param_counts=None, flops=None
+                ) -> np.ndarray:
+  """Candidate layer costs, in units of the mean candidate layer.
+
+  Dividing by the mean keeps budgets portable: a budget of 2 means "two
+  average layers" for every kind, and ``"unit"`` is the paper's setting.
+
+  Args:
+    kind: ``"unit"`` (all 1), ``"params"`` (parameter count) or ``"flops"``
+      (training FLOPs per sample, proportional to forward FLOPs under the
+      convention of :func:`training_flops_per_sample`).
+    param_counts: int[K] parameters per candidate layer (gives K for unit).
+    flops: f32[K] forward FLOPs per sample per candidate layer.
+
+  Returns:
+    f32[K] > 0 with mean 1.
+
+  Raises:
+    ValueError: naming ``selection.cost`` for an unknown kind or a missing
+      or non-positive input.
+  """
+  if kind not in COST_KINDS:
+    raise ValueError(f"selection.cost must be one of {COST_KINDS}, got {kind!r}")
+  source = {"unit": param_counts if param_counts is not None else flops,
+            "params": param_counts, "flops": flops}[kind]
+  if source is None:
+    need = "param_counts or flops" if kind == "unit" else (
+        "param_counts" if kind == "params" else "flops")
+    raise ValueError(f"selection.cost={kind!r} needs {need}")
+  source = np.asarray(source, np.float64)
+  if source.ndim != 1 or source.size == 0:
+    raise ValueError(f"selection.cost={kind!r}: expected one value per candidate "
+                     f"layer, got shape {source.shape}")
+  if kind == "unit":
+    return np.ones(source.shape, np.float32)
+  if not np.all(np.isfinite(source) & (source > 0)):
+    raise ValueError(f"selection.cost={kind!r}: every layer's {kind} must be > 0, "
+                     f"got {source.tolist()}")
+  return (source / source.mean()).astype(np.float32)
+
+
+def check_lam(lam) -> float:
+  """Returns ``float(lam)``; raises ValueError naming ``selection.lam``.
+
+  Either sign is allowed: ``lam > 0`` pays for disagreement between clients
+  on a layer (the paper), ``lam < 0`` rewards clients for covering different
+  layers (F3OCUS's opposite hypothesis, arXiv 2411.11912).
+  """
+  try:
+    value = float(lam)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if not np.isfinite(value):
+    raise ValueError(f"selection.lam must be a finite number, got {lam!r}")
+  return value
+
+
+def check_budgets(budgets, costs) -> None:
+  """Raises ValueError (naming ``selection.budget``) if a client can afford
+  no candidate layer at all, i.e. some budget < the cheapest layer's cost.
+
+  Args:
+    budgets: f32[N].
+    costs: f32[K].
+  """
+  budgets = np.asarray(budgets, np.float64)
+  cheapest = float(np.min(costs))
+  if not np.all(np.isfinite(budgets)) or np.min(budgets) < cheapest:
+    bad = np.flatnonzero(~(budgets >= cheapest))
+    raise ValueError(
+        f"selection.budget: every budget must be >= the cheapest layer's cost "
+        f"({cheapest:g}); clients {bad[:10].tolist()} have "
+        f"{budgets[bad[:10]].tolist()}")
+
+
+# ----------------------------------------------------------------------------
+# Cost model (SPEC.md, "Cost model").
+
+
+def training_flops_per_sample(forward_flops: jax.Array, head_forward_flops,
+                              masks: jax.Array, *, fixed_forward_flops=0.0
+                              ) -> jax.Array:
+  """f32[M]: training FLOPs per example of one local step, per client.
+
+  Convention: FLOPs = 2 x MACs; backward through a layer costs 2x its
+  forward, split equally into activation gradients (1x) and weight
+  gradients (1x). With ``l_min`` the client's lowest selected block:
+
+  * forward through everything: fixed + all blocks + head;
+  * head: weight gradients always; activation gradients if any block is
+    selected (they are what reaches the blocks);
+  * activation gradients for every block ``l >= l_min`` (backprop stops
+    below ``l_min``); weight gradients only for selected blocks.
+
+  So all blocks selected costs ``fixed + 3 (blocks + head)``, nothing
+  selected ``fixed + blocks + 2 head``.
+
+  Args:
+    forward_flops: f32[K] forward FLOPs per example of each candidate block.
+    head_forward_flops: scalar, forward FLOPs of the common layers.
+    masks: bool[M, K].
+    fixed_forward_flops: scalar, forward FLOPs of the fixed layers.
+
+  Returns:
+    f32[M].
+  """
+  f = jnp.asarray(forward_flops, jnp.float32)
+  head = jnp.asarray(head_forward_flops, jnp.float32)
+  masks = jnp.asarray(masks, bool)
+  any_selected = jnp.any(masks, axis=-1)
+  # Blocks at or above the lowest selected block: a cumulative OR.
+  above_lowest = jnp.cumsum(masks, axis=-1) > 0
+  forward = fixed_forward_flops + jnp.sum(f) + head
+  activation_grads = (jnp.sum(jnp.where(above_lowest, f, 0.0), axis=-1)
+                      + jnp.where(any_selected, head, 0.0))
+  weight_grads = jnp.sum(jnp.where(masks, f, 0.0), axis=-1) + head
+  return forward + activation_grads + weight_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthCosts:
+  """A depth-aware cost model: what a layer set S costs one client step.
+
+  ``cost(S) = constant + sum_{l in S} weight[l] + backward[lowest(S)]``
+  with ``lowest(S)`` the lowest selected block (K when S is empty). The
+  backward pass from the output down to block j costs ``backward[j]``
+  (non-increasing in j, ``backward[K] = 0``): training a low block pays for
+  activation gradients through every block above it, so the cost of a set
+  is not the sum of its layers'.
+
+  Attributes:
+    weight: f32[K] weight-gradient cost of each candidate block.
+    backward: f32[K + 1] backward-pass cost down to each block.
+    constant: cost every client pays (forward, common weight gradients).
+  """
+
+  weight: np.ndarray
+  backward: np.ndarray
+  constant: float = 0.0
+
+  def scaled(self, unit: float) -> "DepthCosts":
+    return DepthCosts(self.weight / unit, self.backward / unit, self.constant / unit)
+
+  @property
+  def cheapest_set(self) -> float:
+    """Cost beyond ``constant`` of the cheapest non-empty set (one block)."""
+    return float(np.min(self.weight + self.backward[:-1]))
+
+
+def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flops=0.0
+                           ) -> DepthCosts:
+  """The FLOPs cost model of :func:`training_flops_per_sample` as DepthCosts.
+
+  ``weight[l] = f_l``, ``backward[j] = head + sum_{l >= j} f_l`` (j < K),
+  ``constant = fixed + sum f + 2 head`` (forward and the head's weight
+  gradients), all per example.
+
+  Args:
+    forward_flops: f32[K] forward FLOPs per example of each candidate block.
+    head_forward_flops: forward FLOPs of the common layers.
+    fixed_forward_flops: forward FLOPs of the fixed layers.
+  """
+  f = np.asarray(forward_flops, np.float64)
+  head = float(head_forward_flops)
+  backward = np.concatenate([head + np.cumsum(f[::-1])[::-1], [0.0]])
+  return DepthCosts(weight=f, backward=backward,
+                    constant=float(fixed_forward_flops) + float(f.sum()) + 2 * head)
+
+
+def lowest_selected(masks: jax.Array) -> jax.Array:
+  """i32[...]: index of the lowest selected layer, K if none."""
+  masks = jnp.asarray(masks, bool)
+  k = masks.shape[-1]
+  return jnp.min(jnp.where(masks, jnp.arange(k), k), axis=-1)
+
+
+def depth_set_cost(masks: jax.Array, weight: jax.Array, backward: jax.Array) -> jax.Array:
+  """f32[...]: ``sum_{l in S} weight[l] + backward[lowest(S)]`` (no constant).
+
+  Args:
+    masks: bool[..., K].
+    weight: f32[K].
+    backward: f32[K + 1].
+  """
+  masks = jnp.asarray(masks, bool)
+  w = jnp.sum(jnp.where(masks, jnp.asarray(weight, jnp.float32), 0.0), axis=-1)
+  return w + jnp.asarray(backward, jnp.float32)[lowest_selected(masks)]
+
+
+def communication_bytes(param_counts: jax.Array, masks: jax.Array, *,
+                        common_params, fixed_params, bytes_per_param: int = 4,
+                        score_bytes: int = 4, sends_scores: bool = True
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Bytes moved per client in one round (float32 counts; ~1e-7 relative).
+
+  Down: the full model (fixed + common + all candidates). Up: the K scores
+  (when the round selects) plus the deltas of the common layers and of the
+  selected candidates.
+
+  Args:
+    param_counts: int[K] parameters per candidate layer.
+    masks: bool[M, K].
+    common_params: parameters in the common layers.
+    fixed_params: parameters in the fixed layers.
+    bytes_per_param: 4 for float32, 2 for bfloat16.
+    score_bytes: bytes per uploaded score.
+    sends_scores: whether this round uploads scores.
+
+  Returns:
+    ``(down f32[M], up f32[M])``.
+  """
+  counts = jnp.asarray(param_counts, jnp.float32)
+  masks = jnp.asarray(masks, bool)
+  full = jnp.float32(fixed_params) + jnp.float32(common_params) + jnp.sum(counts)
+  down = jnp.full(masks.shape[:1], full * bytes_per_param)
+  selected = jnp.sum(jnp.where(masks, counts, 0.0), axis=-1)
+  scores_up = counts.shape[0] * score_bytes if sends_scores else 0
+  up = (selected + jnp.float32(common_params)) * bytes_per_param + scores_up
+  return down, up
