@@ -91,6 +91,7 @@ class RoundSettings:
   sel_batches: int = 0
   client_chunk: int = 0          # 0 = all sampled clients in one vmap
   backprop_cut: bool = False
+  cut_levels: tuple[int, ...] = ()  # with backprop_cut: the variants' cuts (() = 0..K)
   diagnostics: bool = True
   solver_starts: int = 4
   unroll: bool = False           # unroll each client's step/batch loops (client.py)
@@ -200,8 +201,11 @@ class RoundParts:
     k: number of candidate layers K.
     costs: f32[K] layer costs.
     variants: static candidate-group sets, one per client-update variant;
-      with ``backprop_cut`` the K + 1 sets ``{c, ..., K-1}`` (c = 0..K),
-      else the single set of every group (none for ``head``).
+      with ``backprop_cut`` the sets ``{c, ..., K-1}`` for c in
+      ``settings.cut_levels`` (default 0..K; 0 is always included), else the
+      single set of every group (none for ``head``). Fewer levels compile
+      faster; a chunk then runs the cheapest level at or below its lowest
+      layer.
     updates: per-client ``client_update`` of each variant: it trains only
       the common leaves and its set (``client.make_client_update(blocks=)``).
     constrain: sharding constraint of a chunk's client axis.
@@ -393,7 +397,11 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
   if settings.strategy == "head":
     variants = ((),)
   elif settings.backprop_cut:
-    variants = tuple(tuple(range(c, k)) for c in range(k + 1))
+    levels = settings.cut_levels or tuple(range(k + 1))
+    if any(not 0 <= int(c) <= k for c in levels):
+      raise ValueError(f"fl.cut_levels must be integers in [0, {k}], got {levels!r}")
+    # Level 0 (every group) covers any mask, so every chunk has a variant.
+    variants = tuple(tuple(range(c, k)) for c in sorted({0, *map(int, levels)}))
   else:
     variants = (tuple(range(k)),)
   updates = tuple(client_lib.make_client_update(loss_fn, client_opt, index,

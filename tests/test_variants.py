@@ -58,6 +58,28 @@ def test_grouped_variant_round_equals_naive_loop(seed, chunk, consensus):
                          new.params, plain.params)
 
 
+def test_fewer_cut_levels_equal_naive_loop():
+  spec, params, index = tiny_model()
+  m = 8
+  rd = round_data(random_clients(m, seed=4), np.arange(m), budgets=[K] * m)
+  rd["valid"][-1] = False
+  rd["client_ids"][-1] = 100
+  masks = random_masks(m, 4) & rd["valid"][:, None]
+  fn = make_round(spec, index, "random", 2, True, diag=False, cut_levels=(K - 1, K))
+  n = 100
+  ids = rd["client_ids"]
+  real = ids < n
+  state = federated.init_server_state(params, optax.sgd(1.0), n, K)
+  state = state.replace(client_masks=state.client_masks.at[ids[real]].set(masks[real]),
+                        seen=state.seen.at[ids[real]].set(True))
+  new, _ = jax.jit(fn)(state, dict(rd, reselect=np.bool_(False)), jax.random.key(3))
+  want = naive_round(spec, index, params, rd, masks, jax.random.key(3))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         new.params, want)
+  with pytest.raises(ValueError, match="fl.cut_levels"):
+    make_round(spec, index, "random", 2, True, cut_levels=(K + 1,))
+
+
 def test_pick_variant_is_the_cheapest_cover():
   table = np.array([[c <= l for l in range(K)] for c in range(K + 1)])
   cost = federated.variant_cost(table)
