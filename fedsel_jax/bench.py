@@ -249,7 +249,8 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
       jax=jax.__version__, cpus=os.cpu_count(), load=os.getloadavg(),
       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       settings=dataclasses.asdict(setup.settings), matmul_peak_flops=peak,
-      torch=None if peer is None else peer.version(), rows=[])
+      torch=None if peer is None else peer.version(),
+      command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]), rows=[])
   for kind in mask_kinds:
     report["rows"].append(summarize(bench_one(setup, kind, rd, key, repeats, peer, threads),
                                     peak))

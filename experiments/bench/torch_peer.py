@@ -8,7 +8,8 @@ host memory, return theta_i - theta on the trained tensors; after all
 clients the server averages each tensor over the clients that returned it,
 weighted by example counts. Same model (transformers ``BertModel`` from the
 same MiniLM checkpoint, mean pooling, a Linear head with the JAX head's
-weights), same masks, same padded data, same batch size and steps.
+weights), same masks, same padded data, same batch size and steps. The
+digits MLP (``models.small.MLP``) is rebuilt from the JAX weights.
 """
 
 from __future__ import annotations
@@ -54,6 +55,43 @@ def build_model(setup) -> Classifier:
   return Classifier(encoder, head)
 
 
+class MLP(torch.nn.Module):
+  """``models.small.MLP``: Linear embed, residual Linear(relu) blocks, Linear(relu) head."""
+
+  def __init__(self, setup):
+    super().__init__()
+    p = setup.params
+    lin = lambda name: _linear(p[name])
+    self.embed = lin("embed")
+    self.blocks = torch.nn.ModuleList([lin(f"block_{k}") for k in range(setup.k)])
+    self.head = lin("head")
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.embed(x.reshape(x.shape[0], -1))
+    for block in self.blocks:
+      x = x + block(torch.relu(x))
+    return self.head(torch.relu(x))
+
+
+def _linear(p) -> torch.nn.Linear:
+  kernel = np.asarray(p["kernel"])
+  lin = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
+  with torch.no_grad():
+    lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
+    lin.bias.copy_(torch.from_numpy(np.asarray(p["bias"]).copy()))
+  return lin
+
+
+def model_and_prefixes(setup):
+  """(torch model, block index -> parameter-name prefix) for the config's model."""
+  name = setup.config.model.name
+  if name in ("minilm", "bert"):
+    return build_model(setup), (lambda l: f"encoder.encoder.layer.{l}."), torch.int64
+  if name == "mlp":
+    return MLP(setup), (lambda l: f"blocks.{l}."), torch.float32
+  raise NotImplementedError(f"the torch peer builds minilm/bert and mlp models, not {name!r}")
+
+
 def make_optimizer(setup, params):
   c = setup.config.client_optim
   if c.name == "adam":
@@ -65,20 +103,17 @@ def make_optimizer(setup, params):
 
 def make_round(setup, rd: dict, masks: np.ndarray, threads: int):
   """A callable running one sequential round; returns the new state dict."""
-  if setup.config.model.name not in ("minilm", "bert"):
-    raise NotImplementedError("the torch peer builds BERT-family models only")
   torch.set_num_threads(threads)
-  model = build_model(setup)
+  model, prefix, x_dtype = model_and_prefixes(setup)
   global_state = copy.deepcopy(model.state_dict())
   s = setup.settings
   clients = []
   for i in np.flatnonzero(rd["valid"]):
     n = int(rd["num_examples"][i])
     rows = (np.arange(s.local_steps * s.batch_size) % n).reshape(s.local_steps, s.batch_size)
-    clients.append((torch.from_numpy(np.asarray(rd["x"][i]).astype(np.int64)),
+    clients.append((torch.from_numpy(np.asarray(rd["x"][i])).to(x_dtype),
                     torch.from_numpy(np.asarray(rd["y"][i]).astype(np.int64)), rows,
-                    [f"encoder.encoder.layer.{l}." for l in np.flatnonzero(masks[i])] + ["head."],
-                    float(n)))
+                    [prefix(l) for l in np.flatnonzero(masks[i])] + ["head."], float(n)))
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def one_round():
