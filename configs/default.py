@@ -63,6 +63,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Stop backprop below each chunk's lowest selected layer: compiles K + 1
   # variants (minutes on 2 CPU cores for MiniLM), so off for the demo.
   c.fl.backprop_cut = False
+  # With backprop_cut: the cut levels compiled (() = every level 0..K). Fewer
+  # levels compile faster; a chunk runs the deepest level it needs.
+  c.fl.cut_levels = ()
   c.fl.unroll = False            # unroll each client's local-step loop (fedsel_jax/client.py)
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
   # Stop after this many rounds in a row in which every sampled client

@@ -58,7 +58,8 @@ def accumulate(agg: AggState, deltas: PyTree, masks: jax.Array, weights: jax.Arr
   Args:
     agg: running sums.
     deltas: pytree with a leading client axis ``[C, ...]``; entries of leaves
-      a client did not train are ignored.
+      a client did not train are ignored, and ``None`` leaves (outside the
+      chunk's client-update variant) add nothing.
     masks: bool[C, K] each client's trained candidate layers.
     weights: f32[C] aggregation weights (example counts; 0 = padding client).
     index: static leaf -> group table.
@@ -66,15 +67,14 @@ def accumulate(agg: AggState, deltas: PyTree, masks: jax.Array, weights: jax.Arr
   weights = weights.astype(jnp.float32)
   masks = masks.astype(bool)
 
-  def leaf_sum(kind, d):
-    if kind == masks_lib.FIXED:
-      return jnp.zeros(d.shape[1:], jnp.float32)
+  def leaf_sum(kind, total, d):
+    if kind == masks_lib.FIXED or d is None:
+      return total
     w = weights if kind == masks_lib.COMMON else jnp.where(masks[:, kind], weights, 0.)
-    return jnp.tensordot(w, d.astype(jnp.float32), axes=1)
+    return total + jnp.tensordot(w, d.astype(jnp.float32), axes=1)
 
-  summed = jax.tree_util.tree_map(leaf_sum, index, deltas)
   return AggState(
-      weighted_delta=jax.tree_util.tree_map(jnp.add, agg.weighted_delta, summed),
+      weighted_delta=jax.tree_util.tree_map(leaf_sum, index, agg.weighted_delta, deltas),
       layer_weight=agg.layer_weight + weights @ masks.astype(jnp.float32),
       common_weight=agg.common_weight + jnp.sum(weights),
       coverage=agg.coverage + jnp.sum(masks & (weights > 0)[:, None], axis=0).astype(jnp.int32))

@@ -6,7 +6,7 @@ clients inside a scan over chunks) in exactly one place.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -24,7 +24,8 @@ class ClientResult:
 
   Attributes:
     delta: pytree like params; ``theta_i^{t,tau} - theta^t`` on the client's
-      trained leaves, exactly 0 elsewhere.
+      trained leaves, exactly 0 elsewhere (``None`` on the leaves outside
+      the update's variant when built with ``dense_delta=False``).
     num_examples: int32 scalar, real examples the client holds.
     loss: f32 scalar, mean training loss over the local steps.
   """
@@ -54,19 +55,33 @@ def make_loss_fn(apply_fn: Callable) -> Callable:
   return loss_fn
 
 
-def differentiable_leaves(index: PyTree, cut: int) -> PyTree:
-  """Static bool pytree: leaves a client whose lowest layer is ``cut`` may train.
+def differentiable_leaves(index: PyTree, cut: int = 0,
+                          blocks: Sequence[int] | None = None) -> PyTree:
+  """Static bool pytree: the leaves a client update of this variant trains.
 
-  Common leaves and candidate groups ``>= cut`` are differentiated; fixed
-  leaves and candidates below ``cut`` are not, so autodiff never runs the
-  backward pass through the blocks below ``cut`` (SPEC.md, cost model).
+  Common leaves and the candidate groups in ``blocks`` (default: every group
+  ``>= cut``) are trained; fixed leaves and the other candidates are not, so
+  they get no gradient, no optimizer state and no delta, and autodiff never
+  runs the backward pass below the lowest trained block (SPEC.md, cost model).
   """
-  return jax.tree_util.tree_map(lambda k: k == masks_lib.COMMON or k >= cut, index)
+  keep = None if blocks is None else frozenset(int(b) for b in blocks)
+  return jax.tree_util.tree_map(
+      lambda k: k == masks_lib.COMMON or (k >= 0 and (k >= cut if keep is None else k in keep)),
+      index)
 
 
-def freeze(params: PyTree, diff: PyTree) -> PyTree:
-  """Stops gradients at the leaves that ``diff`` (static bools) marks False."""
-  return jax.tree_util.tree_map(lambda d, p: p if d else jax.lax.stop_gradient(p), diff, params)
+def split_leaves(tree: PyTree, keep: PyTree) -> tuple[list, list]:
+  """(kept leaves, other leaves) of ``tree`` in flattening order; keep: static bools."""
+  flags = jax.tree_util.tree_leaves(keep)
+  leaves = jax.tree_util.tree_leaves(tree)
+  return ([x for x, f in zip(leaves, flags) if f], [x for x, f in zip(leaves, flags) if not f])
+
+
+def merge_leaves(kept: list, other: list, keep: PyTree) -> PyTree:
+  """Inverse of :func:`split_leaves`: a pytree with the structure of ``keep``."""
+  flags, treedef = jax.tree_util.tree_flatten(keep)
+  kept, other = iter(kept), iter(other)
+  return jax.tree_util.tree_unflatten(treedef, [next(kept) if f else next(other) for f in flags])
 
 
 def batch_positions(key: jax.Array, mask: jax.Array, num_steps: int, batch_size: int) -> jax.Array:
@@ -90,22 +105,34 @@ def batch_positions(key: jax.Array, mask: jax.Array, num_steps: int, batch_size:
 
 def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformation,
                        index: PyTree, *, local_steps: int, batch_size: int,
-                       cut: int = 0, unroll: bool = False) -> Callable:
+                       cut: int = 0, blocks: Sequence[int] | None = None,
+                       unroll: bool = False, dense_delta: bool = True) -> Callable:
   """Builds ``client_update(params, data, mask, key) -> ClientResult``.
+
+  The update works on the trainable subtree only (the common leaves and the
+  candidate groups of this variant): the other leaves are read from
+  ``params`` as constants and carry no gradient, optimizer state or delta.
 
   Args:
     loss_fn: from :func:`make_loss_fn`.
-    optimizer: the local optax optimizer (fresh state every round).
+    optimizer: the local optax optimizer (fresh state every round), applied
+      to the trainable subtree (so it must be elementwise or at least not
+      couple leaves, as sgd/momentum/adam/adamw are, for the result to equal
+      the full-tree optimizer's).
     index: static leaf -> group table (``masks.group_index``).
     local_steps: tau.
     batch_size: B.
     cut: static lowest candidate layer any client using this function trains
-      (0 = no cut). Layers below it must be unselected in every mask passed
-      in; backprop stops there.
+      (0 = no cut): the variant trains every group ``>= cut``.
+    blocks: static candidate groups this variant trains (overrides ``cut``).
+      Groups outside it must be unselected in every mask passed in.
     unroll: unroll the local-step loop. XLA:CPU runs convolutions inside a
       loop body about 17x slower than unrolled (a small CNN, 5 steps: 374 ms
       rolled, 22 ms unrolled); it only helps where no outer loop remains
       (a single chunk). Dense and attention models do not need it.
+    dense_delta: return ``delta`` as a full pytree like params (zeros on the
+      leaves outside the variant); False puts ``None`` there (the round's
+      aggregation skips them, so no per-client zeros are materialised).
 
   The returned function takes:
     params: the server model theta^t.
@@ -114,12 +141,14 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     mask: bool[K] the client's selected candidate layers.
     key: PRNG key of this client and round.
   """
-  diff = differentiable_leaves(index, cut)
-  grad_fn = jax.value_and_grad(lambda p, *a: loss_fn(freeze(p, diff), *a))
+  keep = differentiable_leaves(index, cut, blocks)
+  grad_fn = jax.value_and_grad(
+      lambda train, frozen, *a: loss_fn(merge_leaves(train, frozen, keep), *a))
 
   def client_update(params, data, mask, key):
     data = jax.tree_util.tree_map(jnp.asarray, data)
-    trainable = masks_lib.mask_tree(mask, index)
+    train, frozen = split_leaves(params, keep)
+    selected, _ = split_leaves(masks_lib.mask_tree(mask, index), keep)
     batch_key, dropout_key = jax.random.split(key)
     rows = batch_positions(batch_key, data["mask"], local_steps, batch_size)
     ones = jnp.ones((batch_size,), jnp.float32)
@@ -127,21 +156,22 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     def step(carry, inputs):
       local, opt_state = carry
       idx, k = inputs
-      loss, grads = grad_fn(local, data["x"][idx], data["y"][idx], ones, k)
-      grads = jax.tree_util.tree_map(lambda t, g: jnp.where(t, g, 0), trainable, grads)
+      loss, grads = grad_fn(local, frozen, data["x"][idx], data["y"][idx], ones, k)
+      grads = [jnp.where(t, g, 0) for t, g in zip(selected, grads)]
       updates, opt_state = optimizer.update(grads, opt_state, local)
       # Mask the update, not only the gradient: momentum and weight decay
-      # must not move frozen leaves; `where` keeps them bit-identical.
-      local = jax.tree_util.tree_map(
-          lambda t, p, u: jnp.where(t, p + u.astype(p.dtype), p), trainable, local, updates)
+      # must not move unselected leaves; `where` keeps them bit-identical.
+      local = [jnp.where(t, p + u.astype(p.dtype), p)
+               for t, p, u in zip(selected, local, updates)]
       return (local, opt_state), loss
 
     keys = jax.random.split(dropout_key, local_steps)
-    (local, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), (rows, keys),
+    (local, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), (rows, keys),
                                       unroll=unroll)
-    delta = jax.tree_util.tree_map(lambda t, new, old: jnp.where(t, new - old, 0),
-                                   trainable, local, params)
-    return ClientResult(delta=delta, num_examples=data["num_examples"].astype(jnp.int32),
+    delta = [jnp.where(t, new - old, 0) for t, new, old in zip(selected, local, train)]
+    rest = [jnp.zeros(p.shape, p.dtype) if dense_delta else None for p in frozen]
+    return ClientResult(delta=merge_leaves(delta, rest, keep),
+                        num_examples=data["num_examples"].astype(jnp.int32),
                         loss=jnp.mean(losses))
 
   return client_update

@@ -91,6 +91,7 @@ class RoundSettings:
   sel_batches: int = 0
   client_chunk: int = 0          # 0 = all sampled clients in one vmap
   backprop_cut: bool = False
+  cut_levels: tuple[int, ...] = ()  # with backprop_cut: the variants' cuts (() = 0..K)
   diagnostics: bool = True
   solver_starts: int = 4
   unroll: bool = False           # unroll each client's step/batch loops (client.py)
@@ -153,16 +154,17 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
     ``(carry, kept)`` with kept's leaves ``[Mp, ...]``.
   """
   fns = [client_fns] if callable(client_fns) else list(client_fns)
-  vmapped = [jax.vmap(f, in_axes=(None, 0)) for f in fns]
   combine = combine or (lambda carry, outs, _: (carry, outs))
+  # Each variant combines its own outputs: variants may differ in what they
+  # return (a client update's delta covers only the variant's leaves).
+  chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
+               for f in fns]
 
   def body(carry, c):
     c = constrain(c)
     if branch is None:
-      outs = vmapped[0](shared, c)
-    else:
-      outs = jax.lax.switch(branch(c), vmapped, shared, c)
-    return combine(carry, outs, c)
+      return chunk_fns[0](carry, c)
+    return jax.lax.switch(branch(c), chunk_fns, carry, c)
 
   carry, kept = jax.lax.scan(body, init, _chunks(clients, chunk))
   mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
@@ -200,8 +202,14 @@ class RoundParts:
     index: static leaf -> group table.
     k: number of candidate layers K.
     costs: f32[K] layer costs.
-    updates: per-client ``client_update`` variants; with ``backprop_cut``
-      variant c stops backprop below layer c (c = 0..K), else one variant.
+    variants: static candidate-group sets, one per client-update variant;
+      with ``backprop_cut`` the sets ``{c, ..., K-1}`` for c in
+      ``settings.cut_levels`` (default 0..K; 0 is always included), else the
+      single set of every group (none for ``head``). Fewer levels compile
+      faster; a chunk then runs the cheapest level at or below its lowest
+      layer.
+    updates: per-client ``client_update`` of each variant: it trains only
+      the common leaves and its set (``client.make_client_update(blocks=)``).
     constrain: sharding constraint of a chunk's client axis.
   """
 
@@ -210,8 +218,16 @@ class RoundParts:
   index: PyTree
   k: int
   costs: jax.Array
+  variants: tuple[tuple[int, ...], ...]
   updates: tuple[Callable, ...]
   constrain: Callable = _identity
+
+  def variant_table(self) -> np.ndarray:
+    """bool[V, K]: the candidate groups each variant trains."""
+    table = np.zeros((len(self.variants), self.k), bool)
+    for v, blocks in enumerate(self.variants):
+      table[v, list(blocks)] = True
+    return table
 
   def chunk_size(self, mp: int) -> int:
     chunk = mp if self.settings.client_chunk <= 0 else min(self.settings.client_chunk, mp)
@@ -278,14 +294,54 @@ def selection_step(parts: RoundParts, state: ServerState, rd: dict, scores: jax.
   return masks, metrics
 
 
+def variant_cost(table: np.ndarray) -> np.ndarray:
+  """f32[V]: relative backward cost of each variant (table bool[V, K]).
+
+  Backprop runs from the top down to the lowest trained group (one unit per
+  group for the activation gradients) and computes weight gradients of the
+  trained groups (one unit each).
+  """
+  k = table.shape[1]
+  lowest = np.where(table.any(1), np.argmax(table, axis=1), k)
+  return (k - lowest + table.sum(1)).astype(np.float32)
+
+
+def pick_variant(table: np.ndarray, masks: jax.Array, weights: jax.Array) -> jax.Array:
+  """int32: the cheapest variant whose groups cover every real client's mask.
+
+  Args:
+    table: static bool[V, K] (``RoundParts.variant_table``); some row must
+      cover every mask (the all-groups row, or ``{c..K-1}`` for c = 0).
+    masks: bool[C, K] the chunk's masks.
+    weights: f32[C], 0 for padding slots (their masks are ignored).
+  """
+  union = jnp.any(masks & (weights > 0)[:, None], axis=0)
+  covers = jnp.all(~union[None, :] | jnp.asarray(table), axis=1)
+  return jnp.argmin(jnp.where(covers, jnp.asarray(variant_cost(table)), jnp.inf)).astype(
+      jnp.int32)
+
+
+def group_order(masks: jax.Array, valid: jax.Array) -> jax.Array:
+  """int32[Mp]: client order that puts equal masks, then equal lowest layers, together.
+
+  Sorted by (lowest selected layer, mask bits); padding slots go last, so a
+  chunk's clients share as much of their masks as the round allows.
+  """
+  k = masks.shape[1]
+  code = jnp.sum(masks.astype(jnp.int32) * (2 ** jnp.arange(k, dtype=jnp.int32)), axis=1)
+  key = client_lib.lowest_selected(masks) * (2 ** k) + code
+  return jnp.argsort(jnp.where(valid, key, (k + 1) * 2 ** k)).astype(jnp.int32)
+
+
 def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
                client_keys: jax.Array,
-               weights: jax.Array) -> tuple[aggregate.AggState, jax.Array]:
+               weights: jax.Array) -> tuple[aggregate.AggState, jax.Array, jax.Array]:
   """Local training of every client, streamed chunk by chunk into the aggregation.
 
-  With ``backprop_cut`` the clients are sorted by their lowest selected layer
-  and each chunk runs the variant whose backward pass stops below the
-  chunk's lowest layer.
+  With several client-update variants (``backprop_cut``) the clients are
+  grouped by :func:`group_order` and each chunk runs the cheapest variant
+  that covers its masks (:func:`pick_variant`): its backward pass stops
+  below the chunk's lowest layer and only its groups get gradients.
 
   A client whose loss or delta is not finite is left out of the sums
   (:func:`aggregate.drop_nonfinite`).
@@ -294,11 +350,9 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
     ``(agg, losses f32[Mp], finite bool[Mp])``: aggregation sums, each slot's
     mean loss and whether its update was finite (and so aggregated).
   """
-  k, cut = parts.k, parts.settings.backprop_cut
-  mp = masks.shape[0]
-  valid = rd["valid"]
-  order = jnp.argsort(jnp.where(valid, client_lib.lowest_selected(masks), k + 1)) if cut else \
-      jnp.arange(mp)
+  k, mp = parts.k, masks.shape[0]
+  several = len(parts.updates) > 1
+  order = group_order(masks, rd["valid"]) if several else jnp.arange(mp)
   clients = jax.tree_util.tree_map(lambda a: a[order], dict(
       data=_client_data(rd), masks=masks, keys=client_keys, weights=weights))
   fns = [lambda p, c, u=u: u(p, c["data"], c["masks"], c["keys"]) for u in parts.updates]
@@ -310,12 +364,11 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
     agg = aggregate.accumulate(agg, delta, chunk_masks, chunk_weights, parts.index)
     return agg, (res.loss, ok)
 
-  def lowest_of_chunk(c):
-    return jnp.min(jnp.where(c["weights"] > 0, client_lib.lowest_selected(c["masks"]), k))
-
+  table = parts.variant_table()
   agg, (losses, ok) = scan_client_chunks(
       fns, params, clients, parts.chunk_size(mp), init=aggregate.init_aggregation(params, k),
-      combine=combine, branch=lowest_of_chunk if cut else None, constrain=parts.constrain)
+      combine=combine, branch=(lambda c: pick_variant(table, c["masks"], c["weights"]))
+      if several else None, constrain=parts.constrain)
   back = jnp.argsort(order)
   return agg, losses[back], ok[back]
 
@@ -349,20 +402,30 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
                      client_sharding: jax.sharding.Sharding | None = None) -> RoundParts:
   """The static :class:`RoundParts` of :func:`make_round_fn`."""
   k = num_candidates
-  # `head` trains no candidate layer: a static cut at K skips the encoder's
+  # `head` trains no candidate layer: the empty variant skips the encoder's
   # backward pass entirely, whatever backprop_cut says.
-  cuts = range(k + 1) if settings.backprop_cut else (k if settings.strategy == "head" else 0,)
+  if settings.strategy == "head":
+    variants = ((),)
+  elif settings.backprop_cut:
+    levels = settings.cut_levels or tuple(range(k + 1))
+    if any(not 0 <= int(c) <= k for c in levels):
+      raise ValueError(f"fl.cut_levels must be integers in [0, {k}], got {levels!r}")
+    # Level 0 (every group) covers any mask, so every chunk has a variant.
+    variants = tuple(tuple(range(c, k)) for c in sorted({0, *map(int, levels)}))
+  else:
+    variants = (tuple(range(k)),)
   updates = tuple(client_lib.make_client_update(loss_fn, client_opt, index,
                                                 local_steps=settings.local_steps,
-                                                batch_size=settings.batch_size, cut=c,
-                                                unroll=settings.unroll) for c in cuts)
+                                                batch_size=settings.batch_size, blocks=v,
+                                                unroll=settings.unroll, dense_delta=False)
+                  for v in variants)
 
   def constrain(tree):
     return jax.tree_util.tree_map(
         lambda a: jax.lax.with_sharding_constraint(a, client_sharding), tree)
 
   return RoundParts(settings=settings, loss_fn=loss_fn, index=index, k=k,
-                    costs=jnp.asarray(costs, jnp.float32), updates=updates,
+                    costs=jnp.asarray(costs, jnp.float32), variants=variants, updates=updates,
                     constrain=_identity if client_sharding is None else constrain)
 
 

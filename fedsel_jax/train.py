@@ -103,7 +103,8 @@ class Setup:
     self.settings = federated.RoundSettings(
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
         batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=fl.client_chunk,
-        backprop_cut=fl.backprop_cut, diagnostics=config.diagnostics,
+        backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
+        diagnostics=config.diagnostics,
         solver_starts=sel.solver_starts, unroll=_unroll(config))
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(

@@ -1,0 +1,293 @@
+"""Speed of one federated round, measured side by side in one process.
+
+    python -m fedsel_jax.bench --config configs/default.py [--config.FIELD=...] \
+        [--masks config,top2] [--json PATH] [--torch_peer experiments/bench/torch_peer.py]
+
+For each mask kind it times, on the config's round-0 clients and data:
+
+* ``round``: the project's jitted round (``train.Setup.round_fn``) with the
+  masks given as data (no re-selection, no diagnostics: training,
+  aggregation and the server step);
+* ``loop``: a per-client Python loop over the same jitted ``client_update``
+  streamed into the same aggregation;
+* ``torch_T``: the authors' sequential PyTorch pattern (``../shared/BENCH.md``)
+  with T threads, when torch imports and ``--torch_peer`` names the peer file
+  (loaded by path; nothing in the package imports ``experiments/``).
+
+and prints samples/s = M * tau * B / median seconds, the ratios, executed
+FLOPs (XLA cost analysis of each chunk's client-update variant, summed over
+the round's chunks) against the analytic FLOPs the masks need, MFU against an
+fp32 matmul peak measured in the same run, peak memory (process RSS high-water
+mark during each mode, and XLA's memory analysis of the compiled round) and
+the compile time. Mask kinds: ``config`` (what the config's own selection
+picks in round 0), ``top2`` (consensus: every client trains the top 2 blocks),
+``random`` (1-2 random blocks per client, seeded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsel_jax import aggregate
+from fedsel_jax import flops as flops_lib
+from fedsel_jax import federated
+from fedsel_jax import client as client_lib
+
+PyTree = Any
+MASK_KINDS = ("config", "top2", "random")
+
+
+def _clear_peak_rss() -> None:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")          # resets VmHWM (Linux >= 4.0)
+  except OSError:
+    pass
+
+
+def _peak_rss_mb() -> float:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.
+  except OSError:
+    pass
+  return float("nan")
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+  """First call and the median/min/max of ``repeats`` further calls (seconds)."""
+  _clear_peak_rss()
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return dict(first_s=first, median_s=statistics.median(times), min_s=min(times),
+              max_s=max(times), peak_rss_mb=_peak_rss_mb())
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """Measured fp32 matmul FLOP/s of the default device (median of repeats)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  res = timed(lambda: mm(a), repeats)
+  return 2 * n ** 3 / res["median_s"]
+
+
+def bench_masks(setup, kind: str, rd: dict, key: jax.Array) -> np.ndarray:
+  """bool[Mp, K] masks of one kind for the round's slots (padding slots False)."""
+  valid = np.asarray(rd["valid"])
+  mp, k = valid.shape[0], setup.k
+  if kind == "config":
+    _, metrics = setup.round_fn(setup.initial_state(), dict(rd, diagnose=np.bool_(False)), key)
+    return np.asarray(metrics["masks"])
+  masks = np.zeros((mp, k), bool)
+  if kind == "top2":
+    masks[:, k - 2:] = True
+  elif kind == "random":
+    rng = np.random.default_rng(0)
+    for i in range(mp):
+      masks[i, rng.choice(k, rng.integers(1, 3), replace=False)] = True
+  else:
+    raise ValueError(f"--masks must be among {MASK_KINDS}, got {kind!r}")
+  return masks & valid[:, None]
+
+
+def given_masks_inputs(setup, rd: dict, masks: np.ndarray):
+  """(state factory, round data) for a round that trains exactly ``masks``."""
+  ids = np.asarray(rd["client_ids"])
+  n = setup.clients.num_clients
+  rd = dict(rd, reselect=np.bool_(False), diagnose=np.bool_(False))
+
+  def state():
+    s = setup.initial_state()
+    real = ids < n
+    return s.replace(client_masks=s.client_masks.at[ids[real]].set(masks[real]),
+                     seen=s.seen.at[ids[real]].set(True))
+
+  return state, rd
+
+
+def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict:
+  """Times the jitted round on given masks; compile time, memory analysis."""
+  make_state, rd = given_masks_inputs(setup, rd, masks)
+  dev_rd = jax.device_put(rd)
+  t0 = time.perf_counter()
+  compiled = setup.round_fn.lower(make_state(), dev_rd, key).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  states = [make_state() for _ in range(repeats + 1)]
+  it = iter(states)
+  res = timed(lambda: compiled(next(it), dev_rd, key)[0].params, repeats)
+  res["compile_s"] = compile_s
+  if mem is not None:
+    res["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
+    res["xla_args_mb"] = mem.argument_size_in_bytes / 2 ** 20
+  return res
+
+
+def per_client_loop(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict:
+  """Times a Python loop over one jitted client_update per client (no vmap)."""
+  s = setup.settings
+  update = jax.jit(client_lib.make_client_update(
+      client_lib.make_loss_fn(setup.spec.module.apply), setup.client_opt, setup.index,
+      local_steps=s.local_steps, batch_size=s.batch_size, dense_delta=False))
+  acc = jax.jit(lambda agg, d, mk, w: aggregate.accumulate(
+      agg, jax.tree_util.tree_map(lambda x: x[None], d), mk[None], w[None], setup.index))
+  params, k = setup.params, setup.k
+  real = [i for i in range(len(masks)) if rd["valid"][i]]
+  clients = [({f: jnp.asarray(rd[f][i]) for f in ("x", "y", "mask", "num_examples")},
+              jnp.asarray(masks[i]), jnp.float32(rd["num_examples"][i])) for i in real]
+
+  def loop():
+    agg = aggregate.init_aggregation(params, k)
+    for i, (d, mk, w) in enumerate(clients):
+      res = update(params, d, mk, jax.random.fold_in(key, i))
+      agg = acc(agg, res.delta, mk, w)
+    return aggregate.finalize(agg, setup.index)[0]
+
+  return timed(loop, repeats)
+
+
+def load_peer(path: str):
+  """The torch peer module from a file path, or None (no file, or no torch)."""
+  if not path or not os.path.exists(path) or importlib.util.find_spec("torch") is None:
+    return None
+  spec = importlib.util.spec_from_file_location("fedsel_torch_peer", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> dict:
+  """Every mode on one mask kind; returns the row of the report."""
+  masks = bench_masks(setup, kind, rd, key)
+  valid = np.asarray(rd["valid"])
+  s = setup.settings
+  samples = int(valid.sum()) * s.local_steps * s.batch_size
+  row: dict[str, Any] = dict(masks=kind, mean_blocks=float(masks[valid].sum(1).mean()),
+                             samples=samples, modes={})
+  row["modes"]["round"] = project_round(setup, rd, masks, key, repeats)
+  row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, max(1, repeats // 2))
+  for t in threads if peer is not None else ():
+    try:
+      fn = peer.make_round(setup, rd, masks, threads=t)
+    except NotImplementedError as e:        # the peer builds BERT-family models only
+      row["torch_skipped"] = str(e)
+      break
+    row["modes"][f"torch_{t}"] = timed(fn, max(1, repeats // 2))
+  for res in row["modes"].values():
+    res["samples_per_s"] = samples / res["median_s"]
+  row["executed_flops"] = flops_lib.executed_round_flops(flops_lib.counting_parts(setup),
+                                                         setup.params, rd, masks)
+  row["needed_flops"] = flops_lib.needed_round_flops(setup, rd, masks)
+  return row
+
+
+def summarize(row: dict, peak: float) -> dict:
+  """Ratios and MFU of one report row (in place)."""
+  modes = row["modes"]
+  rt = modes["round"]["median_s"]
+  row["speedup_over_loop"] = modes["loop"]["median_s"] / rt
+  torch = [v["median_s"] for k, v in modes.items() if k.startswith("torch_")]
+  if torch:
+    row["speedup_over_torch_best"] = min(torch) / rt
+    row["memory_over_torch"] = modes["round"]["peak_rss_mb"] / min(
+        v["peak_rss_mb"] for k, v in modes.items() if k.startswith("torch_"))
+  row["executed_over_needed"] = row["executed_flops"] / row["needed_flops"]
+  row["mfu_needed"] = row["needed_flops"] / rt / peak
+  row["mfu_executed"] = row["executed_flops"] / rt / peak
+  return row
+
+
+def format_row(row: dict) -> str:
+  lines = [f"masks={row['masks']} (mean {row['mean_blocks']:.2f} blocks/client), "
+           f"{row['samples']} samples/round"]
+  for name, r in row["modes"].items():
+    extra = f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+    lines.append(f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
+                 f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB"
+                 f"  first call {r['first_s']:.1f} s{extra}")
+  lines.append(f"  round vs loop {row['speedup_over_loop']:.2f}x" + (
+      f"; vs best torch {row['speedup_over_torch_best']:.2f}x, memory "
+      f"{row['memory_over_torch']:.2f}x torch" if "speedup_over_torch_best" in row else ""))
+  lines.append(f"  FLOPs executed {row['executed_flops'] / 1e9:.1f} G, needed "
+               f"{row['needed_flops'] / 1e9:.1f} G ({row['executed_over_needed']:.2f}x); "
+               f"MFU {100 * row['mfu_needed']:.0f}% needed, {100 * row['mfu_executed']:.0f}% "
+               "executed")
+  return "\n".join(lines)
+
+
+def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
+  """The whole report as a dict (see the module docstring)."""
+  from fedsel_jax import train   # heavy: datasets, models
+
+  setup = train.Setup(config)
+  rd = setup.round_data(0)
+  key = jax.random.key(config.seed)
+  peer = load_peer(peer_path)
+  peak = matmul_peak()
+  report = dict(
+      device=jax.devices()[0].device_kind, platform=platform.platform(),
+      jax=jax.__version__, cpus=os.cpu_count(), load=os.getloadavg(),
+      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      settings=dataclasses.asdict(setup.settings), matmul_peak_flops=peak,
+      torch=None if peer is None else peer.version(),
+      command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]), rows=[])
+  for kind in mask_kinds:
+    report["rows"].append(summarize(bench_one(setup, kind, rd, key, repeats, peer, threads),
+                                    peak))
+  report["load_after"] = os.getloadavg()
+  return report
+
+
+def main(argv) -> None:
+  from absl import flags
+  config = flags.FLAGS.config
+  report = run(config, flags.FLAGS.masks, flags.FLAGS.repeats, flags.FLAGS.torch_peer,
+               [int(t) for t in flags.FLAGS.torch_threads])
+  print(f"{report['device']} ({report['cpus']} cpus), jax {report['jax']}, torch "
+        f"{report['torch']}, load {report['load']} -> {report['load_after']}, {report['date']}")
+  print(f"fp32 matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; settings "
+        f"{report['settings']}")
+  for row in report["rows"]:
+    print(format_row(row))
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w") as f:
+      json.dump(report, f, indent=2, default=float)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).")
+  flags.DEFINE_list("masks", ["config", "top2"], f"Mask kinds among {MASK_KINDS}.")
+  flags.DEFINE_integer("repeats", 5, "Timed rounds after the first call (median).")
+  flags.DEFINE_string("json", "", "Also write the report here.")
+  flags.DEFINE_string("torch_peer", "experiments/bench/torch_peer.py",
+                      "File of the PyTorch peer (skipped if missing or torch is absent).")
+  flags.DEFINE_list("torch_threads", ["1", "2"], "torch thread counts to try.")
+  flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,163 @@
+"""FLOPs of a round's local training: executed (XLA) and needed (analytic).
+
+* executed: XLA's cost analysis of the client-update variant each chunk of
+  the round runs (compiled with the local-step loop unrolled, since XLA
+  counts a loop body once), summed over the round's chunks;
+* needed (``../shared/BENCH.md``): forward through every layer; backward down
+  to each client's lowest selected block; weight gradients of the selected
+  blocks and the common layers only. Counted from the parameter shapes:
+  a dense kernel of P weights costs 2 P FLOPs per token forward, as much
+  again for its input gradient and for its weight gradient; BERT-style
+  attention (blocks with a ``query`` kernel of width d) adds 4 T d per token
+  forward and twice that backward; the lowest selected block needs no
+  gradient of its input (its ``query``/``key``/``value`` kernels, or its
+  first kernel). Embedding lookups, norms and activations count 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsel_jax import client as client_lib
+from fedsel_jax import federated
+from fedsel_jax import masks as masks_lib
+
+PyTree = Any
+_INPUT_KERNELS = ("query", "key", "value")
+
+
+def _flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def counting_parts(setup) -> federated.RoundParts:
+  """``setup``'s round parts with the local-step loop unrolled (for cost analysis)."""
+  return federated.make_round_parts(
+      client_lib.make_loss_fn(setup.spec.module.apply), setup.index, setup.k,
+      setup.client_opt, setup.costs, dataclasses.replace(setup.settings, unroll=True))
+
+
+def executed_round_flops(parts: federated.RoundParts, params: PyTree, rd: dict,
+                         masks: np.ndarray) -> float:
+  """FLOPs XLA executes for a round's client updates.
+
+  Args:
+    parts: the round's static parts, built with ``settings.unroll=True``
+      (:func:`counting_parts`), else each local-step loop counts once.
+    params: theta^t.
+    rd: the round data (``x, y, mask, num_examples, valid``; Mp slots).
+    masks: bool[Mp, K] the round's masks.
+
+  Returns:
+    The sum over the round's chunks (grouped as ``federated.train_step``
+    groups them) of the XLA cost analysis of the variant the chunk runs.
+  """
+  valid = np.asarray(rd["valid"])
+  mp = valid.shape[0]
+  weights = np.where(valid, rd["num_examples"], 0).astype(np.float32)
+  order = np.asarray(federated.group_order(jnp.asarray(masks), jnp.asarray(valid))) \
+      if len(parts.updates) > 1 else np.arange(mp)
+  chunk = parts.chunk_size(mp)
+  table = parts.variant_table()
+  data = {f: np.asarray(rd[f])[order] for f in ("x", "y", "mask", "num_examples")}
+  masks = np.asarray(masks)[order]
+  keys = jax.random.split(jax.random.key(0), mp)
+  costs: dict[int, float] = {}
+  total = 0.
+  for start in range(0, mp, chunk):
+    sl = slice(start, start + chunk)
+    v = int(federated.pick_variant(table, jnp.asarray(masks[sl]), jnp.asarray(weights[order][sl])))
+    if v not in costs:
+      fn = jax.jit(jax.vmap(parts.updates[v], in_axes=(None, 0, 0, 0)))
+      chunk_data = {f: a[sl] for f, a in data.items()}
+      costs[v] = _flops_of(fn.lower(params, chunk_data, masks[sl], keys[sl]).compile())
+    total += costs[v]
+  return total
+
+
+def block_kernels(params: PyTree, index: PyTree, k: int) -> dict[int, list[tuple[str, tuple]]]:
+  """Group -> [(leaf path, shape)] of its dense kernels (FIXED and COMMON too).
+
+  Raises:
+    NotImplementedError: for kernels that are not 2-D (convolutions).
+  """
+  out: dict[int, list] = {}
+  for (path, p), g in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree_util.tree_leaves(index)):
+    name = masks_lib.path_str(path)
+    if not name.endswith("kernel"):
+      continue
+    if len(p.shape) != 2:
+      raise NotImplementedError(f"needed FLOPs count dense kernels only, not {name} {p.shape}")
+    out.setdefault(g, []).append((name, tuple(p.shape)))
+  return out
+
+
+def needed_step_flops(params: PyTree, index: PyTree, k: int, tokens: int, batch: int,
+                      mask: np.ndarray) -> float:
+  """Analytic FLOPs of one local step of one client (module docstring).
+
+  Args:
+    params, index: the model and its group table.
+    k: K.
+    tokens: T, sequence length (1 for feature vectors).
+    batch: B.
+    mask: bool[K] the client's selected blocks.
+  """
+  kern = block_kernels(params, index, k)
+  size = lambda ks: sum(int(np.prod(s)) for _, s in ks)
+  dense = {g: 2. * tokens * size(ks) for g, ks in kern.items()}   # per example
+  attn = {}
+  for g, ks in kern.items():
+    q = [s for n, s in ks if n.endswith("query/kernel")]
+    attn[g] = 4. * tokens * tokens * q[0][1] if (g >= 0 and q) else 0.
+  head = 2. * size(kern.get(masks_lib.COMMON, []))   # reads pooled features: once per example
+  blocks = range(k)
+  forward = dense.get(masks_lib.FIXED, 0.) + sum(dense.get(l, 0.) + attn[l] for l in blocks
+                                                  if l in dense) + head
+  sel = [l for l in blocks if mask[l]]
+  backward = head                                        # head weight gradient
+  if sel:
+    c = sel[0]
+    backward += head                                     # into the pooled features
+    for l in blocks:
+      if l >= c and l in dense:
+        backward += dense[l] + 2. * attn[l]             # activation gradients
+    ks = kern[c]
+    inputs = [s for n, s in ks if n.split("/")[-2] in _INPUT_KERNELS] or [ks[0][1]]
+    backward -= 2. * tokens * sum(int(np.prod(s)) for s in inputs)
+    backward += sum(dense[l] for l in sel)              # weight gradients
+  return batch * (forward + backward)
+
+
+def needed_round_flops_from(params: PyTree, index: PyTree, k: int, tokens: int, batch: int,
+                            local_steps: int, masks: np.ndarray,
+                            valid: np.ndarray | None = None) -> float:
+  """Analytic FLOPs of a round: ``local_steps`` steps of every valid client.
+
+  Args:
+    masks: bool[Mp, K]; valid: bool[Mp] (default all).
+  """
+  valid = np.ones(len(masks), bool) if valid is None else np.asarray(valid)
+  return local_steps * float(sum(needed_step_flops(params, index, k, tokens, batch, m)
+                                 for m, v in zip(masks, valid) if v))
+
+
+def needed_round_flops(setup, rd: dict, masks: np.ndarray) -> float:
+  """Analytic FLOPs the round's masks need (nan for models with convolutions)."""
+  x = np.asarray(rd["x"])
+  tokens = x.shape[2] if x.ndim == 3 and np.issubdtype(x.dtype, np.integer) else 1
+  s = setup.settings
+  try:
+    return needed_round_flops_from(setup.params, setup.index, setup.k, tokens, s.batch_size,
+                                   s.local_steps, masks, rd["valid"])
+  except NotImplementedError:
+    return float("nan")
