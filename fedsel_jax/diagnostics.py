@@ -1,21 +1,37 @@
-"""The selection-dependent error terms of the convergence bound (SPEC.md).
+"""The convergence bound's error terms at theta^t (SPEC.md, "Theory"; docs/diagnostics.md).
 
-With p_i the sampled clients' normalised weights, g_il client i's gradient of
-layer l at theta^t, gbar_l = sum_i p_i g_il (the estimate of grad_l f),
-S_l the clients that selected l and P_l = sum_{i in S_l} p_i:
+Notation. A *reference set* R of clients with weights w_i = n_i (the round's
+sampled clients, or in population mode every client of the federation);
+g_i = grad f_i(theta^t), client i's gradient estimated by an estimator below;
+gbar = sum_{i in R} w_i g_i / W with W = sum_R w_i, the estimate of grad f;
+S_l = the sampled clients that train group l and P_l = sum_{S_l} w_i / W.
+Groups are the K candidates plus one more, index K, for the common layers
+(trained by every sampled client). Per group l:
 
-* E1 = sum_{l : S_l empty} ||gbar_l||^2 (importance of layers left out);
-* E2 = sum_{l : S_l non-empty} ||sum_{i in S_l} (p_i/P_l) g_il - gbar_l||^2
-  (bias of averaging a layer over only the clients that picked it);
-* E2 <= sum_l (1/P_l - 1) kappa_l^2 with kappa_l^2 = sum_i p_i ||g_il - gbar_l||^2.
+* E1_l = ||gbar_l||^2 if S_l is empty, else 0 (importance of a layer left out);
+* E2_l = ||sum_{i in S_l} w_i g_il / sum_{S_l} w_i - gbar_l||^2 if S_l is
+  non-empty, else 0 (bias of averaging l over only the clients that picked it);
+* kappa_l^2 = sum_R w_i ||g_il - gbar_l||^2 / W (layer-wise heterogeneity), and
+  E2_l <= (1/P_l - 1) kappa_l^2 (exact inequality, docs/diagnostics.md).
 
-Everything streams over chunks of clients like the aggregation, so one round
-never holds more than a chunk of gradients.
+Per-client gradient estimators (``ESTIMATORS``), both example-weighted (every
+real example counts once, a short last batch weighs by its size):
+
+* ``full``: every real example of the client, in batches of B rows;
+* ``sampled``: a fresh uniform random subset of ``batches`` x B real examples
+  (without replacement; all of them if the client has fewer), drawn from the
+  per-(seed, round, client) key: an unbiased estimate of the full gradient.
+
+Everything streams over chunks of clients through the round's chunk scanner:
+a round never holds more than a chunk's gradients (except when one gradient
+pass serves the scores too: then the sampled clients' gradients are kept,
+``federated.RoundSettings.shares_score_pass``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -24,75 +40,373 @@ import jax.numpy as jnp
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
+ESTIMATORS = ("full", "sampled")
+
+
+def diag_index(index: PyTree, num_candidates: int) -> PyTree:
+  """The group table with the common leaves as one extra group, index K."""
+  return jax.tree_util.tree_map(lambda k: num_candidates if k == masks_lib.COMMON else k, index)
+
+
+def num_diag_batches(n_max: int, batch_size: int, estimator: str, batches: int) -> int:
+  """Static number of batches a client's gradient is estimated on."""
+  full = math.ceil(n_max / batch_size)
+  if estimator == "full":
+    return full
+  if estimator == "sampled":
+    if batches < 1:
+      raise ValueError(f"diagnostics.batches must be >= 1, got {batches}")
+    return min(batches, full)
+  raise ValueError(f"diagnostics.estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+
+
+def estimator_rows(estimator: str, num_examples: jax.Array, n_max: int, batch_size: int,
+                   num_batches: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows and weights of a client's estimator batches.
+
+  Args:
+    estimator: ``full`` (rows in order) or ``sampled`` (real rows shuffled by
+      ``key``; the first ``num_batches * B`` are used).
+    num_examples: int32 scalar n_i; rows ``[0, n_i)`` are real.
+    n_max: padded rows per client.
+    batch_size: B.
+    num_batches: static, from :func:`num_diag_batches`.
+    key: the client's key for this round.
+
+  Returns:
+    ``rows int32[nb, B]`` (always in range) and ``weights f32[nb, B]``: 1 for
+    a real example used once, 0 for padding or beyond the client's data.
+  """
+  pos = jnp.arange(num_batches * batch_size).reshape(num_batches, batch_size)
+  weights = (pos < num_examples).astype(jnp.float32)
+  if estimator == "full":
+    return pos % n_max, weights
+  real = jnp.arange(n_max) < num_examples
+  order = jnp.argsort(jnp.where(real, jax.random.uniform(key, (n_max,)), 2.0))
+  return order[pos % n_max].astype(jnp.int32), weights
+
+
+def _stop_fixed(loss_fn: Callable, index: PyTree) -> Callable:
+  diff = jax.tree_util.tree_map(lambda k: k != masks_lib.FIXED, index)
+  return lambda p, *a: loss_fn(jax.tree_util.tree_map(
+      lambda d, x: x if d else jax.lax.stop_gradient(x), diff, p), *a)
+
+
+def make_client_grad_fn(loss_fn: Callable, index: PyTree, *, batch_size: int, n_max: int,
+                        estimator: str, batches: int = 1, unroll: bool = False) -> Callable:
+  """Builds ``client_grad(params, data, key) -> (loss f32, grad pytree)`` for ONE client.
+
+  ``loss`` and ``grad`` are the example-weighted means over the estimator's
+  examples (fixed leaves are not differentiated: zero gradient). ``data``
+  has ``x [n_max, ...]``, ``y [n_max]``, ``num_examples int32``.
+  """
+  nb = num_diag_batches(n_max, batch_size, estimator, batches)
+  value_and_grad = jax.value_and_grad(_stop_fixed(loss_fn, index))
+
+  def client_grad(params, data, key):
+    rows, weights = estimator_rows(estimator, data["num_examples"], n_max, batch_size, nb,
+                                   jax.random.fold_in(key, 0))
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def body(carry, inputs):
+      loss_sum, grad_sum = carry
+      r, w, b = inputs
+      loss, g = value_and_grad(params, data["x"][r], data["y"][r], w,
+                               jax.random.fold_in(key, b + 1))
+      wb = jnp.sum(w)        # the loss is a weighted mean: times W_b gives a sum
+      grad_sum = jax.tree_util.tree_map(lambda a, x: a + wb * x.astype(jnp.float32), grad_sum, g)
+      return (loss_sum + wb * loss, grad_sum), None
+
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
+                                           (rows, weights, jnp.arange(nb)), unroll=unroll)
+    total = jnp.maximum(jnp.sum(weights), 1.)
+    return loss_sum / total, jax.tree_util.tree_map(lambda x: x / total, grad_sum)
+
+  return client_grad
+
+
+def make_client_hvp_fn(loss_fn: Callable, index: PyTree, *, batch_size: int, n_max: int,
+                       estimator: str, batches: int = 1, unroll: bool = False) -> Callable:
+  """Builds ``client_hvp(params, data, key, v) -> H_i v`` for ONE client.
+
+  H_i is the Hessian of the same example-weighted loss on the same examples
+  as :func:`make_client_grad_fn` with the same key (forward-over-reverse,
+  ``jax.jvp`` of ``jax.grad``, one batch at a time).
+  """
+  nb = num_diag_batches(n_max, batch_size, estimator, batches)
+  grad = jax.grad(_stop_fixed(loss_fn, index))
+
+  def client_hvp(params, data, key, v):
+    rows, weights = estimator_rows(estimator, data["num_examples"], n_max, batch_size, nb,
+                                   jax.random.fold_in(key, 0))
+
+    def body(acc, inputs):
+      r, w, b = inputs
+      fn = lambda p: grad(p, data["x"][r], data["y"][r], w, jax.random.fold_in(key, b + 1))
+      _, hv = jax.jvp(fn, (params,), (v,))
+      return jax.tree_util.tree_map(lambda a, x: a + jnp.sum(w) * x, acc, hv), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
+    acc, _ = jax.lax.scan(body, zeros, (rows, weights, jnp.arange(nb)), unroll=unroll)
+    total = jnp.maximum(jnp.sum(weights), 1.)
+    return jax.tree_util.tree_map(lambda x: x / total, acc)
+
+  return client_hvp
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                            jax.tree_util.tree_leaves(b)))
+
+
+def power_iteration(matvec: Callable, v0: PyTree, num_iters: int) -> jax.Array:
+  """|largest-magnitude eigenvalue| of a symmetric linear map on pytrees.
+
+  ``num_iters`` normalised products, then the Rayleigh quotient |v^T A v|
+  with one more product (``num_iters + 1`` products in all).
+  """
+  def normalise(v):
+    norm = jnp.sqrt(tree_vdot(v, v))
+    return jax.tree_util.tree_map(lambda x: x / jnp.maximum(norm, 1e-30), v)
+
+  v = jax.lax.fori_loop(0, num_iters, lambda _, v: normalise(matvec(v)), normalise(v0))
+  return jnp.abs(tree_vdot(v, matvec(v)))
 
 
 @flax.struct.dataclass
 class GradSums:
-  """Running sums over clients (weights p_i already normalised to sum 1).
+  """Running sums over the reference set's clients (raw weights w_i = n_i).
 
   Attributes:
-    full: pytree, ``sum_i p_i g_i``.
-    selected: pytree, ``sum_i p_i m_il g_il`` (candidate leaves).
-    sq: f32[K], ``sum_i p_i ||g_il||^2``.
-    p_selected: f32[K], ``P_l``.
+    full: pytree, ``sum_R w_i g_i``.
+    selected: pytree, ``sum_i w_sel_i m_il g_il`` (m = 1 on common leaves).
+    weight: f32, ``W = sum_R w_i``.
+    p_selected: f32[K+1], ``sum_{S_l} w_i`` (common group last).
+    m2: f32[K+1], ``sum_R w_i ||g_il - gbar_l||^2`` (merged chunk by chunk).
+    loss: f32, ``sum_R w_i f_i``.
   """
 
   full: PyTree
   selected: PyTree
-  sq: jax.Array
+  weight: jax.Array
   p_selected: jax.Array
+  m2: jax.Array
+  loss: jax.Array
 
 
 def init_grad_sums(params: PyTree, num_candidates: int) -> GradSums:
   zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  return GradSums(full=zeros, selected=zeros, sq=jnp.zeros((num_candidates,)),
-                  p_selected=jnp.zeros((num_candidates,)))
+  k1 = num_candidates + 1
+  return GradSums(full=zeros, selected=zeros, weight=jnp.zeros(()),
+                  p_selected=jnp.zeros((k1,)), m2=jnp.zeros((k1,)), loss=jnp.zeros(()))
 
 
-def accumulate_grads(sums: GradSums, grads: PyTree, masks: jax.Array, p: jax.Array,
-                     index: PyTree) -> GradSums:
+def accumulate_grads(sums: GradSums, grads: PyTree, losses: jax.Array, masks: jax.Array,
+                     w_ref: jax.Array, w_sel: jax.Array, index: PyTree) -> GradSums:
   """Adds a chunk of C clients.
 
   Args:
     sums: running sums.
-    grads: pytree with leading axis ``[C, ...]``, each client's mean gradient.
-    masks: bool[C, K].
-    p: f32[C] normalised client weights (0 for padding clients).
-    index: static leaf -> group table.
+    grads: pytree with leading axis ``[C, ...]``, each client's gradient.
+    losses: f32[C] each client's loss at theta^t.
+    masks: bool[C, K] candidate masks (ignored where ``w_sel`` is 0).
+    w_ref: f32[C] weight in the reference set (0 = not in it, e.g. padding).
+    w_sel: f32[C] weight in the aggregation (0 = not sampled).
+    index: static leaf -> group table (``masks.group_index``).
+
+  The heterogeneity sum uses the parallel-variance merge (Chan et al.):
+  within a chunk about its own mean, then a correction for the shift between
+  the chunk's mean and the running mean, so no E||g||^2 - ||E g||^2
+  cancellation happens.
   """
   k = masks.shape[-1]
-  sel_w = masks.astype(jnp.float32) * p[:, None]                 # [C, K]
+  didx = diag_index(index, k)
+  sel = jnp.concatenate([masks.astype(jnp.float32), jnp.ones_like(masks[:, :1], jnp.float32)],
+                        axis=1) * w_sel[:, None]                    # [C, K+1]
 
   def leaf_sel(kind, g):
     if kind < 0:
       return jnp.zeros(g.shape[1:], jnp.float32)
-    return jnp.tensordot(sel_w[:, kind], g, axes=1)
+    return jnp.tensordot(sel[:, kind], g, axes=1)
 
-  per_client_sq = jax.vmap(lambda g: masks_lib.group_sq_norms(g, index, k))(grads)  # [C, K]
+  wc = jnp.sum(w_ref)
+  chunk_sum = jax.tree_util.tree_map(lambda g: jnp.tensordot(w_ref, g, axes=1), grads)
+  chunk_mean = jax.tree_util.tree_map(lambda s: s / jnp.maximum(wc, 1e-30), chunk_sum)
+  centred = jax.tree_util.tree_map(lambda g, m: g - m[None], grads, chunk_mean)
+  m2_chunk = w_ref @ jax.vmap(lambda g: masks_lib.group_sq_norms(g, didx, k + 1))(centred)
+  old_mean = jax.tree_util.tree_map(lambda s: s / jnp.maximum(sums.weight, 1e-30), sums.full)
+  shift = masks_lib.group_sq_norms(
+      jax.tree_util.tree_map(jnp.subtract, chunk_mean, old_mean), didx, k + 1)
+  both = sums.weight + wc
+  m2 = sums.m2 + m2_chunk + shift * sums.weight * wc / jnp.maximum(both, 1e-30)
   return GradSums(
-      full=jax.tree_util.tree_map(lambda a, g: a + jnp.tensordot(p, g, axes=1), sums.full, grads),
+      full=jax.tree_util.tree_map(jnp.add, sums.full, chunk_sum),
       selected=jax.tree_util.tree_map(lambda a, kind, g: a + leaf_sel(kind, g),
-                                      sums.selected, index, grads),
-      sq=sums.sq + p @ per_client_sq,
-      p_selected=sums.p_selected + jnp.sum(sel_w, axis=0))
+                                      sums.selected, didx, grads),
+      weight=both, p_selected=sums.p_selected + jnp.sum(sel, axis=0), m2=m2,
+      loss=sums.loss + w_ref @ losses)
 
 
-def error_terms(sums: GradSums, index: PyTree) -> dict[str, jax.Array]:
-  """E1, E2, the E2 bound and ||grad f||^2 (candidate layers) from the sums.
+def error_terms(sums: GradSums, index: PyTree, num_candidates: int) -> dict[str, jax.Array]:
+  """The logged terms from the sums (group K = the common layers).
 
   Returns:
-    dict of f32 scalars ``e1, e2, e2_bound, grad_sq`` and f32[K] per-layer
-    ``grad_sq_layers, e2_layers, kappa_sq``.
+    f32 scalars ``e1, e2, e2_bound`` (all trained groups), ``grad_sq`` (all
+    trained groups), ``grad_sq_cand`` (candidates only), ``f_diag`` (the
+    weighted loss at theta^t), and f32[K+1] per group ``e1_layers,
+    e2_layers, kappa_sq, grad_sq_layers, p_layers`` (P_l).
   """
-  k = sums.sq.shape[0]
+  k1 = num_candidates + 1
+  didx = diag_index(index, num_candidates)
+  total = jnp.maximum(sums.weight, 1e-30)
   covered = sums.p_selected > 0
-  p_l = jnp.maximum(sums.p_selected, 1e-30)
-  gbar_sq = masks_lib.group_sq_norms(sums.full, index, k)
-  scale = jax.tree_util.tree_map(lambda kind: p_l[kind] if kind >= 0 else 1., index)
-  diff = jax.tree_util.tree_map(lambda s, f, c: s / c - f, sums.selected, sums.full, scale)
-  e2_layers = jnp.where(covered, masks_lib.group_sq_norms(diff, index, k), 0.)
-  kappa_sq = jnp.maximum(sums.sq - gbar_sq, 0.)
-  bound = jnp.where(covered, jnp.maximum(1. / p_l - 1., 0.) * kappa_sq, 0.)
-  return dict(e1=jnp.sum(jnp.where(covered, 0., gbar_sq)), e2=jnp.sum(e2_layers),
-              e2_bound=jnp.sum(bound), grad_sq=jnp.sum(gbar_sq),
-              grad_sq_layers=gbar_sq, e2_layers=e2_layers, kappa_sq=kappa_sq)
+  scale = jax.tree_util.tree_map(
+      lambda kind: jnp.maximum(sums.p_selected[kind], 1e-30) if kind >= 0 else 1., didx)
+  gbar = jax.tree_util.tree_map(lambda f: f / total, sums.full)
+  gbar_sq = masks_lib.group_sq_norms(gbar, didx, k1)
+  diff = jax.tree_util.tree_map(lambda s, c, f: s / c - f / total, sums.selected, scale,
+                                sums.full)
+  e2_layers = jnp.where(covered, masks_lib.group_sq_norms(diff, didx, k1), 0.)
+  e1_layers = jnp.where(covered, 0., gbar_sq)
+  kappa_sq = sums.m2 / total
+  p_l = sums.p_selected / total
+  bound = jnp.where(covered, jnp.maximum(1. / jnp.maximum(p_l, 1e-30) - 1., 0.) * kappa_sq, 0.)
+  return dict(e1=jnp.sum(e1_layers), e2=jnp.sum(e2_layers), e2_bound=jnp.sum(bound),
+              grad_sq=jnp.sum(gbar_sq), grad_sq_cand=jnp.sum(gbar_sq[:num_candidates]),
+              f_diag=sums.loss / total, e1_layers=e1_layers, e2_layers=e2_layers,
+              kappa_sq=kappa_sq, grad_sq_layers=gbar_sq, p_layers=p_l)
+
+
+def random_direction(params: PyTree, index: PyTree, key: jax.Array) -> PyTree:
+  """A standard normal pytree like ``params``, zero on fixed leaves."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  kinds = jax.tree_util.tree_leaves(index)
+  out = [jnp.zeros(p.shape, jnp.float32) if kind == masks_lib.FIXED
+         else jax.random.normal(kk, p.shape, jnp.float32)
+         for p, kk, kind in zip(leaves, keys, kinds)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
+                     scan: Callable, batch_size: int, n_max: int, estimator: str = "full",
+                     batches: int = 1, power_iters: int = 0,
+                     unroll: bool = False) -> tuple[Callable, Callable]:
+  """The diagnostics step of a round, streamed over chunks of clients.
+
+  Args:
+    loss_fn: ``loss(params, x, y, weights, key)`` (a weighted mean).
+    index: static leaf -> group table.
+    num_candidates: K.
+    scan: the round's chunk scanner, ``federated.scan_client_chunks`` with
+      its sharding constraint bound (passed in: federated imports this module).
+    batch_size, n_max, estimator, batches, unroll: see :func:`make_client_grad_fn`.
+    power_iters: Hessian power iterations for L (0 = none).
+
+  Returns ``(client_grads, diagnose)``:
+
+  * ``client_grads(params, data, keys, chunk) -> (losses f32[C], grads [C, ...])``
+    every client's estimator gradient (used when the score pass is shared);
+  * ``diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None)
+    -> dict`` the :func:`error_terms` plus ``lipschitz`` (the power-iteration
+    estimate of the largest Hessian eigenvalue of f at theta^t in magnitude,
+    over the trained leaves; NaN when ``power_iters`` is 0). ``data`` holds
+    ``x [C, n_max, ...], y, num_examples`` for the C reference-set slots (a
+    multiple of ``chunk``); ``masks bool[C, K]``; ``w_ref, w_sel f32[C]``
+    (:func:`accumulate_grads`); ``keys [C]`` the clients' keys; ``key`` starts
+    the power iteration; ``grads`` = ``client_grads`` of the same clients
+    skips the gradient pass.
+  """
+  kw = dict(batch_size=batch_size, n_max=n_max, estimator=estimator, batches=batches,
+            unroll=unroll)
+  grad_fn = make_client_grad_fn(loss_fn, index, **kw)
+  hvp_fn = make_client_hvp_fn(loss_fn, index, **kw)
+  fields = ("x", "y", "num_examples")
+
+  def client_grads(params, data, keys, chunk):
+    _, out = scan(lambda p, c: grad_fn(p, c["data"], c["keys"]), params,
+                  dict(data={f: data[f] for f in fields}, keys=keys), chunk)
+    return out
+
+  def diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None):
+    inputs = dict(data={f: data[f] for f in fields}, masks=masks, w_ref=w_ref, w_sel=w_sel,
+                  keys=keys)
+    if grads is None:
+      client = lambda p, c: grad_fn(p, c["data"], c["keys"])
+    else:                                   # the shared pass's gradients: no recompute
+      inputs["grads"] = grads
+      client = lambda p, c: c["grads"]
+
+    def combine(sums, out, c):
+      return accumulate_grads(sums, out[1], out[0], c["masks"], c["w_ref"], c["w_sel"],
+                              index), None
+
+    sums, _ = scan(client, params, inputs, chunk, init=init_grad_sums(params, num_candidates),
+                   combine=combine)
+    out = error_terms(sums, index, num_candidates)
+    out["lipschitz"] = jnp.float32(jnp.nan)
+    if power_iters > 0:
+      hvp_inputs = dict(data=inputs["data"], w=w_ref, keys=keys)
+
+      def matvec(v):
+        def combine_hv(acc, hv, c):
+          return jax.tree_util.tree_map(lambda a, h: a + jnp.tensordot(c["w"], h, axes=1),
+                                        acc, hv), None
+        acc, _ = scan(lambda pv, c: hvp_fn(pv[0], c["data"], c["keys"], pv[1]), (params, v),
+                      hvp_inputs, chunk, init=jax.tree_util.tree_map(jnp.zeros_like, v),
+                      combine=combine_hv)
+        return jax.tree_util.tree_map(lambda a: a / jnp.maximum(sums.weight, 1e-30), acc)
+
+      out["lipschitz"] = power_iteration(matvec, random_direction(params, index, key),
+                                         power_iters)
+    return out
+
+  return client_grads, diagnose
+
+
+def tree_sq_norm(tree: PyTree) -> jax.Array:
+  """f32: squared L2 norm of a whole pytree."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """The clients' diagnostics keys this round: the same client, the same key in both modes."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def diagnose_round(diagnose: Callable, params: PyTree, rd: dict, masks: jax.Array,
+                   weights: jax.Array, key: jax.Array, chunk: int, *, population: bool,
+                   grads: tuple | None = None) -> dict[str, jax.Array]:
+  """The round's diagnostics, or NaN everywhere when ``rd['diagnose']`` is False.
+
+  Args:
+    diagnose: from :func:`make_diagnose_fn`.
+    params: theta^t.
+    rd: the round data; in population mode ``rd['population']`` holds every
+      client's ``x, y, num_examples, client_ids`` (padding slots: id N,
+      ``num_examples`` 0) for Np slots, a multiple of ``chunk``.
+    masks: bool[Mp, K] the sampled clients' masks.
+    weights: f32[Mp] the sampled clients' n_i (0 for padding slots).
+    key: this round's diagnostics key.
+    chunk: clients per chunk.
+    population: reference set = every client (True) or the sampled ones.
+    grads: the shared score pass's ``(losses, grads)`` of the sampled clients.
+  """
+  ids = rd["client_ids"]
+
+  def run(_):
+    if not population:
+      return diagnose(params, rd, masks, weights, weights, client_keys(key, ids), chunk,
+                      jax.random.fold_in(key, 0x7FFFFFFF), grads)
+    pop = rd["population"]
+    slots = pop["client_ids"].shape[0]
+    pop_masks = jnp.zeros((slots, masks.shape[1]), bool).at[ids].set(masks, mode="drop")
+    sampled = jnp.zeros((slots,), jnp.float32).at[ids].set((weights > 0).astype(jnp.float32),
+                                                           mode="drop")
+    n = pop["num_examples"].astype(jnp.float32)
+    return diagnose(params, pop, pop_masks, n, n * sampled, client_keys(key, pop["client_ids"]),
+                    chunk, jax.random.fold_in(key, 0x7FFFFFFF))
+
+  skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                                   jax.eval_shape(run, None))
+  return jax.lax.cond(rd.get("diagnose", True), run, lambda _: skipped, None)

@@ -15,8 +15,9 @@ clients, vmapped inside):
    each chunk runs a variant whose backward pass stops below its lowest layer;
 4. ``aggregate.finalize`` + ``aggregate.server_step``: per-layer masked
    aggregation and the server optimizer;
-5. :func:`diagnostics_step`: E1/E2 from the clients' gradients at theta^t
-   (optional).
+5. :func:`diagnostics_step`: the convergence bound's terms at theta^t
+   (optional; diagnostics.py). With ``shares_score_pass`` one gradient pass
+   (:func:`shared_grads_step`) serves the scores and the diagnostics.
 
 Masks, lambda, budgets and client data are arrays in ``round_data``: new
 values never recompile. The client axis of each chunk can be sharded over a
@@ -27,6 +28,7 @@ different devices and turns the aggregation sums into all-reduces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -93,6 +95,10 @@ class RoundSettings:
   backprop_cut: bool = False
   cut_levels: tuple[int, ...] = ()  # with backprop_cut: the variants' cuts (() = 0..K)
   diagnostics: bool = True
+  diag_estimator: str = "full"   # diagnostics.py: full | sampled
+  diag_batches: int = 1          # batches per client for the sampled estimator
+  diag_population: bool = False  # E1/E2 over every client (round_data['population'])
+  diag_power_iters: int = 0      # Hessian power iterations for L (0 = no L)
   solver_starts: int = 4
   unroll: bool = False           # unroll each client's step/batch loops (client.py)
 
@@ -103,6 +109,18 @@ class RoundSettings:
     if self.score not in scores_lib.SCORES:
       raise ValueError(f"selection.score must be one of {list(scores_lib.SCORES)}, "
                        f"got {self.score!r}")
+
+  @property
+  def shares_score_pass(self) -> bool:
+    """Whether one gradient pass serves the scores and the diagnostics.
+
+    True when both need the example-weighted gradient of all the sampled
+    clients' data: scores over all data (``sel_batches`` 0) of a kind that
+    reads only the mean gradient, and the ``full`` estimator in sample mode.
+    The sampled clients' gradients are then kept until the diagnostics.
+    """
+    return (self.diagnostics and self.diag_estimator == "full" and not self.diag_population
+            and self.sel_batches <= 0 and self.score_kind in ("gradnorm", "rgn"))
 
   @property
   def score_kind(self) -> str | None:
@@ -235,6 +253,15 @@ class RoundParts:
       raise ValueError(f"{mp} client slots do not split into chunks of {chunk}; "
                        "pad with federated.padded_clients")
     return chunk
+
+  def diagnose_fns(self, n_max: int) -> tuple[Callable, Callable]:
+    """``diagnostics.make_diagnose_fn`` for this round's settings."""
+    s = self.settings
+    return diagnostics.make_diagnose_fn(
+        self.loss_fn, self.index, self.k,
+        scan=functools.partial(scan_client_chunks, constrain=self.constrain),
+        batch_size=s.batch_size, n_max=n_max, estimator=s.diag_estimator,
+        batches=s.diag_batches, power_iters=s.diag_power_iters, unroll=s.unroll)
 
   def grad_stats_fn(self, n_max: int, variance: str | None) -> Callable:
     """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""
@@ -373,27 +400,40 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   return agg, losses[back], ok[back]
 
 
+def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
+                      diag_key: jax.Array) -> tuple[jax.Array, PyTree] | None:
+  """The sampled clients' ``(losses f32[Mp], grads [Mp, ...])`` at theta^t when one
+  pass serves scores and diagnostics (``settings.shares_score_pass``), else None.
+
+  Skipped (zeros) on rounds that need neither.
+  """
+  if not parts.settings.shares_score_pass:
+    return None
+  grads_fn, _ = parts.diagnose_fns(rd["mask"].shape[1])
+  ids = rd["client_ids"]
+  run = lambda _: grads_fn(params, rd, diagnostics.client_keys(diag_key, ids),
+                           parts.chunk_size(ids.shape[0]))
+  zeros = lambda _: jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(run, None))
+  return jax.lax.cond(jnp.any(need) | rd.get("diagnose", True), run, zeros, None)
+
+
+def scores_from_grads(parts: RoundParts, params: PyTree, grads: PyTree,
+                      need: jax.Array) -> jax.Array:
+  """f32[Mp, K] scores from the shared pass's example-weighted gradients."""
+  kind = parts.settings.score_kind
+  scores = jax.vmap(lambda g: scores_lib.scores_from_stats(
+      kind, {"mean_grad": g}, params, parts.index, parts.k))(grads)
+  return jnp.where(jnp.any(need), scores, 0.)
+
+
 def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
-                     client_keys: jax.Array, p: jax.Array) -> dict:
-  """E1/E2 from the clients' gradients at theta^t; NaN when ``rd['diagnose']`` is False."""
-  index, k = parts.index, parts.k
-  stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], None)
-
-  def combine(sums, grads, c):
-    return diagnostics.accumulate_grads(sums, grads, c["masks"], c["p"], index), None
-
-  def diagnose(_):
-    sums, _ = scan_client_chunks(
-        lambda prm, c: stats_fn(prm, c["data"], c["keys"])["mean_grad"], params,
-        dict(data=_client_data(rd), masks=masks, p=p, keys=client_keys),
-        parts.chunk_size(masks.shape[0]), init=diagnostics.init_grad_sums(params, k),
-        combine=combine, constrain=parts.constrain)
-    return diagnostics.error_terms(sums, index)
-
-  # NaN marks rounds without diagnostics (``diagnose`` False saves a pass).
-  skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
-                                   jax.eval_shape(diagnose, None))
-  return jax.lax.cond(rd.get("diagnose", True), diagnose, lambda _: skipped, None)
+                     weights: jax.Array, diag_key: jax.Array,
+                     shared: tuple | None) -> dict:
+  """The bound's terms at theta^t (diagnostics.py); NaN when ``rd['diagnose']`` is False."""
+  _, diagnose = parts.diagnose_fns(rd["mask"].shape[1])
+  return diagnostics.diagnose_round(diagnose, params, rd, masks, weights, diag_key,
+                                    parts.chunk_size(masks.shape[0]),
+                                    population=parts.settings.diag_population, grads=shared)
 
 
 def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
@@ -453,7 +493,9 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     ``valid bool[Mp]``, ``x [Mp, n_max, ...]``, ``y int32[Mp, n_max]``,
     ``mask bool[Mp, n_max]``, ``num_examples int32[Mp]``,
     ``budgets f32[Mp]``, ``lam f32``, ``reselect bool`` and optionally
-    ``diagnose bool`` (estimate E1/E2 this round; default True).
+    ``diagnose bool`` (estimate E1/E2 this round; default True) and, in
+    population mode, ``population`` (every client's data,
+    :func:`diagnostics.diagnose_round`).
   """
   parts = make_round_parts(loss_fn, index, num_candidates, client_opt, costs, settings,
                            client_sharding)
@@ -468,7 +510,12 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     seen = jnp.take(state.seen, ids, mode="fill", fill_value=False)
     need = (rd["reselect"] | ~seen) & valid
 
-    scores = scores_step(parts, state.params, rd, need, score_key)
+    diag_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 0xD1A6)
+    shared = shared_grads_step(parts, state.params, rd, need, diag_key)
+    if shared is None:
+      scores = scores_step(parts, state.params, rd, need, score_key)
+    else:
+      scores = scores_from_grads(parts, state.params, shared[1], need)
     masks, metrics = selection_step(parts, state, rd, scores, need, sel_key)
     agg, losses, finite = train_step(parts, state.params, rd, masks, client_keys, weights)
     mean_delta, covered = aggregate.finalize(agg, index)
@@ -478,8 +525,10 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     # model non-finite, changes neither the model nor the server optimizer.
     (new_params, opt_state), applied = aggregate.keep_if_finite(
         (new_params, opt_state), (state.params, state.opt_state), jnp.any(finite & valid))
+    metrics["update_sq"] = diagnostics.tree_sq_norm(
+        jax.tree_util.tree_map(jnp.subtract, new_params, state.params))
     if settings.diagnostics:
-      metrics.update(diagnostics_step(parts, state.params, rd, masks, client_keys, p))
+      metrics.update(diagnostics_step(parts, state.params, rd, masks, weights, diag_key, shared))
 
     good = finite & valid
     p_good = jnp.where(good, p, 0.)

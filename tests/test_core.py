@@ -293,10 +293,11 @@ def test_error_terms_respect_their_bound():
   cov = np.asarray(metrics["coverage"])
   assert float(metrics["grad_sq"]) > 0
   # E1 is the gradient mass of exactly the layers nobody selected
-  np.testing.assert_allclose(metrics["e1"], np.asarray(metrics["grad_sq_layers"])[cov == 0].sum(),
-                             rtol=1e-5)
+  # (per-group arrays have K + 1 entries: the common layers last, always covered)
+  np.testing.assert_allclose(metrics["e1"],
+                             np.asarray(metrics["grad_sq_layers"])[:K][cov == 0].sum(), rtol=1e-5)
   assert float(metrics["e2"]) <= float(metrics["e2_bound"]) * (1 + 1e-4) + 1e-12
-  assert np.all(e2_layers[cov == 0] == 0) and bound.shape == (K,)
+  assert np.all(e2_layers[:K][cov == 0] == 0) and bound.shape == (K + 1,)
 
 
 def test_full_selection_has_no_selection_error():
