@@ -108,8 +108,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_batch_size = 200
   c.checkpoint_every = 5
   c.checkpoint_keep = 2          # checkpoints kept (the newest intact one is resumed)
-  c.diagnostics = True
-  c.diagnostics_every = 5        # E1/E2 cost one more gradient pass per client
+  # The convergence bound's terms at theta^t (docs/diagnostics.md): E1, E2,
+  # kappa_l^2, ||grad f||^2, L and the bound's right-hand side.
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.enabled = True
+  c.diagnostics.every = 5        # diagnose rounds 0, every, 2*every, ... (one more gradient pass)
+  # Per-client gradient: 'full' (every example) or 'sampled' (a fresh random
+  # `batches` x batch_size examples per client and round; unbiased).
+  c.diagnostics.estimator = "sampled"
+  c.diagnostics.batches = 1
+  # Reference set: the sampled clients (False) or every client (True; the
+  # federation's padded data must fit population_max_mb on the device).
+  c.diagnostics.population = False
+  c.diagnostics.population_max_mb = 1024.0
+  # Hessian power iterations for the smoothness estimate L (0 = no L, no O(eta)
+  # term); each costs about two gradient passes.
+  c.diagnostics.power_iters = 0
   c.compare_strategies = ("head",)  # extra runs (same everything else) for the final table
 
   if arg == "smoke":
@@ -119,7 +133,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.fl.num_rounds = 2
     c.fl.clients_per_round = 4
     c.fl.client_chunk = 2
-    c.diagnostics_every = 1
+    c.diagnostics.every = 1
     c.fl.local_steps = 2
     c.fl.batch_size = 4
     c.eval_every = 1
@@ -147,7 +161,7 @@ def paper_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.selection.budget.kind = "truncnorm"
   c.selection.budget.low, c.selection.budget.high = 1, 2
   c.selection.budget.mean, c.selection.budget.std = 1.5, 0.5
-  c.diagnostics_every = 10
+  c.diagnostics.every = 10
   c.eval_every = 10
   c.checkpoint_every = 10
   c.compare_strategies = ()

@@ -43,6 +43,8 @@ def get_config(arg: str = ""):
   c.eval_every = 10
   c.checkpoint_every = 10
   c.compare_strategies = ()
+  c.diagnostics.estimator = "full"   # every example; shares the all-data score pass
+  c.diagnostics.power_iters = 20
   if arg == "smoke":
     c.data.num_clients = 8
     c.fl.num_rounds = 3
@@ -54,6 +56,8 @@ def get_config(arg: str = ""):
     c.model.features = (8, 8, 8)
     c.eval_every = 1
     c.checkpoint_every = 1
+    c.diagnostics.every = 1
+    c.diagnostics.power_iters = 0    # the HVP pass doubles the compile time; tests turn it on
   elif arg:
     raise ValueError(f"configs/digits.py takes '' or 'smoke', got {arg!r}")
   return c

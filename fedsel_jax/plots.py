@@ -67,9 +67,11 @@ def write_run_plots(out_dir: str, workdirs: list[str], labels: list[str]) -> lis
 
   if "e1" in rows[0] and any(r["e1"] for r in rows):
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("e1", "e2", "e2_bound", "grad_sq"):
+    for name in ("e1", "e2", "e2_bound", "grad_sq", "grad_sq_avg", "bound_rhs"):
       x, y = _column(rows, name)
-      ax.plot(x + 1, np.maximum(y, 1e-12), label=name)
+      running = name in ("grad_sq_avg", "bound_rhs")   # defined every round; others where measured
+      ax.plot(x + 1, np.maximum(y, 1e-12), label=name, ls="-" if running else "",
+              marker="" if running else "o", ms=3)
     ax.set(xlabel="round", yscale="log", title=f"Selection error terms ({labels[0]})")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from fedsel_jax import bound as bound_lib
 from fedsel_jax import checkpoints as checkpoints_lib
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
@@ -104,7 +105,9 @@ class Setup:
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
         batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=fl.client_chunk,
         backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
-        diagnostics=config.diagnostics,
+        diagnostics=config.diagnostics.enabled, diag_estimator=config.diagnostics.estimator,
+        diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
+        diag_power_iters=config.diagnostics.power_iters,
         solver_starts=sel.solver_starts, unroll=_unroll(config))
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(
@@ -131,8 +134,34 @@ class Setup:
               budgets=self.budgets[np.minimum(slots, n - 1)].astype(np.float32),
               lam=np.float32(c.selection.lam),
               reselect=np.bool_(round_idx % c.selection.sel_gap == 0),
-              diagnose=np.bool_(round_idx % c.get("diagnostics_every", 1) == 0))
+              diagnose=np.bool_(round_idx % c.diagnostics.every == 0))
+    if self.population is not None:
+      rd["population"] = self.population
     return rd
+
+
+def population_data(config, clients: data_lib.ClientArrays) -> dict | None:
+  """Every client's data on the device once, for ``diagnostics.population``.
+
+  Rule: the padded arrays (N rounded up to the round's chunk, x n_max
+  examples) must fit ``diagnostics.population_max_mb``; the gradient pass
+  streams them in chunks like a round (docs/diagnostics.md).
+  """
+  d = config.diagnostics
+  if not (d.enabled and d.population):
+    return None
+  n, m = clients.num_clients, config.fl.clients_per_round
+  chunk = min(config.fl.client_chunk, m) if config.fl.client_chunk > 0 else m  # the round's chunk
+  slots = -(-n // chunk) * chunk
+  mb = slots * sum(a[0].nbytes for a in (clients.x, clients.y, clients.mask)) / 2 ** 20
+  if mb > d.population_max_mb:
+    raise ConfigError(f"diagnostics.population must be False for this federation: its padded "
+                      f"data ({slots} clients x {clients.x.shape[1]} examples) takes {mb:.0f} MB, "
+                      f"above diagnostics.population_max_mb={d.population_max_mb}")
+  pad = np.minimum(np.arange(slots), n - 1)
+  counts = np.where(np.arange(slots) < n, clients.num_examples[pad], 0).astype(np.int32)
+  return jax.device_put(dict(x=clients.x[pad], y=clients.y[pad], num_examples=counts,
+                             client_ids=np.arange(slots, dtype=np.int32)))
 
 
 def _unroll(config) -> bool:
@@ -188,7 +217,8 @@ def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
                          "seconds": round(seconds, 4),
                          "clients_nonfinite": int(metrics["clients_nonfinite"]),
                          "round_skipped": int(bool(metrics["round_skipped"]))}
-  for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq"):
+  for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq",
+              "grad_sq_cand", "f_diag", "lipschitz", "update_sq") + bound_lib.SAMPLED_COLUMNS:
     if key in metrics:
       value = float(metrics[key])
       row[key] = "" if np.isnan(value) else value
@@ -207,6 +237,7 @@ class _Run:
     self.ckpts = checkpoints_lib.RunCheckpoints(workdir, config.checkpoint_keep)
     self.rows: list[dict] = []
     self.history: dict[str, list] = {"masks": [], "scores": []}
+    self.layer_names: tuple[str, ...] = ()   # candidate names, for diagnostics.npz
 
   def resume(self, initial: federated.ServerState, quiet: bool):
     """(first round to run, state) after restoring the newest intact checkpoint."""
@@ -232,13 +263,21 @@ class _Run:
     return {k: np.stack(v) for k, v in self.history.items() if v}
 
   def write_files(self) -> None:
+    if self.config.diagnostics.enabled:   # running columns, recomputed from all rows
+      bound_lib.add_bound_columns(self.rows, bound_lib.effective_step(
+          self.config.fl.local_steps, self.config.client_optim.lr, self.config.server_optim.lr))
     text = _rows_csv(self.rows)
 
     def write_csv(tmp):
       with open(tmp, "w", newline="") as f:
         f.write(text)
     _write_atomic(os.path.join(self.workdir, "metrics.csv"), write_csv)
-    arrays = self.history_arrays()
+    arrays, layers = bound_lib.split_history(self.history_arrays(), self.layer_names)
+    if layers:   # the per-layer terms ride in the checkpointed history too
+      def write_layers(tmp):
+        with open(tmp, "wb") as f:
+          np.savez(f, **layers)
+      _write_atomic(os.path.join(self.workdir, "diagnostics.npz"), write_layers)
     sel = os.path.join(self.workdir, "selection.npz")
     if arrays:
       def write_npz(tmp):
@@ -352,6 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   run = _Run(workdir, config)
+  run.layer_names = setup.spec.groups.names
   start, state = run.resume(setup.initial_state(), quiet)
   guard = _Divergence(config, setup, workdir)
   guard.last_saved = start if start else None
@@ -377,6 +417,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
         ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
       run.rows.append(_row(t, metrics, seconds, names, ev))
       _record_selection(run, setup, config, rd, metrics)
+      bound_lib.append_layer_terms(run.history, t, metrics)
       bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.3f}",
                       acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
       if ev and not live and not quiet:

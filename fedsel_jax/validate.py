@@ -93,14 +93,20 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "client_optim.momentum": _num(0, 1, strict_hi=True),
     "server_optim.momentum": _num(0, 1, strict_hi=True),
     "client_optim.weight_decay": _num(0), "server_optim.weight_decay": _num(0),
-    "selection.lam": _num(),   # either sign: lam < 0 rewards diversity (F3OCUS) "selection.sel_gap": _int(1), "selection.sel_batches": _int(0),
+    "selection.lam": _num(),   # either sign: lam < 0 rewards diversity (F3OCUS)
+    "selection.sel_gap": _int(1), "selection.sel_batches": _int(0),
     "selection.cost": _choice(*COSTS), "selection.check_exact": _bool,
     "selection.solver_starts": _int(1),
     "selection.budget.kind": _choice(*BUDGETS), "selection.budget.value": _num(0, strict_lo=True),
     "selection.budget.low": _num(0, strict_lo=True), "selection.budget.high": _num(0, strict_lo=True),
     "selection.budget.mean": _num(), "selection.budget.std": _num(0, strict_lo=True),
     "eval_every": _int(1), "eval_batch_size": _int(1), "checkpoint_every": _int(1),
-    "checkpoint_keep": _int(1), "diagnostics": _bool, "diagnostics_every": _int(1),
+    "checkpoint_keep": _int(1),
+    # docs/diagnostics.md; the population's memory rule needs the data (train.population_data)
+    "diagnostics.enabled": _bool, "diagnostics.every": _int(1),
+    "diagnostics.batches": _int(1),
+    "diagnostics.population": _bool, "diagnostics.population_max_mb": _num(0, strict_lo=True),
+    "diagnostics.power_iters": _int(0),
 }
 
 
@@ -152,6 +158,8 @@ def _check_names(config) -> None:
   _choice(*models.MODELS)("model.name", config.model.name)
   _choice(*datasets.SOURCES)("data.name", config.data.name)
   _choice(*data_lib.PARTITIONS)("data.partition", config.data.partition)
+  from fedsel_jax import diagnostics
+  _choice(*diagnostics.ESTIMATORS)("diagnostics.estimator", config.diagnostics.estimator)
   for i, s in enumerate(config.compare_strategies):
     _choice(*federated.STRATEGIES)(f"compare_strategies[{i}]", s)
 

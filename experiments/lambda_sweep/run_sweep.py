@@ -84,7 +84,7 @@ def main():
     r = [x for x in rows if x["lam"] == float(lam)]
     # sum_l S_l (M - S_l): disagreeing client pairs, comparable across lambdas
     pairs = np.mean([x["disagreement"] for x in r])
-    # rounds without diagnostics (config.diagnostics_every) hold NaN
+    # rounds without diagnostics (config.diagnostics.every) hold NaN
     e2, e1 = np.nanmean([x["e2"] for x in r]), np.nanmean([x["e1"] for x in r])
     summary.append((lam, pairs, e2, e1, finals[j]))
     print(f"| {lam:g} | {pairs:.1f} | {e2:.3e} | {e1:.3e} | {finals[j]:.4f} |")
