@@ -41,6 +41,8 @@ from fedsel_jax import masks as masks_lib
 
 PyTree = Any
 ESTIMATORS = ("full", "sampled")
+# Population mode also logs these sample-mode terms (suffix ``_sampled``).
+SAMPLED_TERMS = ("e1", "e2", "e2_bound", "grad_sq", "e2_layers")
 
 
 def diag_index(index: PyTree, num_candidates: int) -> PyTree:
@@ -315,7 +317,8 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
     multiple of ``chunk``); ``masks bool[C, K]``; ``w_ref, w_sel f32[C]``
     (:func:`accumulate_grads`); ``keys [C]`` the clients' keys; ``key`` starts
     the power iteration; ``grads`` = ``client_grads`` of the same clients
-    skips the gradient pass.
+    skips the gradient pass; ``sampled_too`` adds the :data:`SAMPLED_TERMS`
+    with the sampled clients (``w_sel > 0``) as the reference set.
   """
   kw = dict(batch_size=batch_size, n_max=n_max, estimator=estimator, batches=batches,
             unroll=unroll)
@@ -328,7 +331,8 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
                   dict(data={f: data[f] for f in fields}, keys=keys), chunk)
     return out
 
-  def diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None):
+  def diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None,
+               sampled_too=False):
     inputs = dict(data={f: data[f] for f in fields}, masks=masks, w_ref=w_ref, w_sel=w_sel,
                   keys=keys)
     if grads is None:
@@ -337,13 +341,20 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
       inputs["grads"] = grads
       client = lambda p, c: c["grads"]
 
-    def combine(sums, out, c):
-      return accumulate_grads(sums, out[1], out[0], c["masks"], c["w_ref"], c["w_sel"],
-                              index), None
+    def combine(carry, out, c):
+      # The sample-mode sums (reference set = the sampled clients) ride along
+      # in population mode: same gradients, no extra pass.
+      refs = (c["w_ref"], c["w_sel"])[:len(carry)]
+      return tuple(accumulate_grads(s, out[1], out[0], c["masks"], w, c["w_sel"], index)
+                   for s, w in zip(carry, refs)), None
 
-    sums, _ = scan(client, params, inputs, chunk, init=init_grad_sums(params, num_candidates),
-                   combine=combine)
+    init = (init_grad_sums(params, num_candidates),) * (2 if sampled_too else 1)
+    carry, _ = scan(client, params, inputs, chunk, init=init, combine=combine)
+    sums = carry[0]
     out = error_terms(sums, index, num_candidates)
+    if sampled_too:
+      terms = error_terms(carry[1], index, num_candidates)
+      out.update({f"{name}_sampled": terms[name] for name in SAMPLED_TERMS})
     out["lipschitz"] = jnp.float32(jnp.nan)
     if power_iters > 0:
       hvp_inputs = dict(data=inputs["data"], w=w_ref, keys=keys)
@@ -405,7 +416,7 @@ def diagnose_round(diagnose: Callable, params: PyTree, rd: dict, masks: jax.Arra
                                                            mode="drop")
     n = pop["num_examples"].astype(jnp.float32)
     return diagnose(params, pop, pop_masks, n, n * sampled, client_keys(key, pop["client_ids"]),
-                    chunk, jax.random.fold_in(key, 0x7FFFFFFF))
+                    chunk, jax.random.fold_in(key, 0x7FFFFFFF), sampled_too=True)
 
   skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
                                    jax.eval_shape(run, None))

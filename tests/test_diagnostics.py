@@ -283,6 +283,16 @@ def test_logged_population_metrics_match_closed_form():
   masks[ids] = np.asarray(m["masks"])
   sampled = np.isin(np.arange(8), ids).astype(float)
   check_terms(m, closed_form(params, data, masks, np.ones(8), sampled))
+  # The sample-mode terms ride along: the sampled clients as the reference set.
+  ref = closed_form(params, data, masks, sampled, sampled)
+  np.testing.assert_allclose(m["e1_sampled"], ref["e1"].sum(), rtol=1e-5)
+  np.testing.assert_allclose(m["e2_sampled"], ref["e2"].sum(), rtol=1e-5,
+                             atol=1e-6 * ref["gsq"].sum())
+  np.testing.assert_allclose(m["e2_layers_sampled"], ref["e2"], rtol=1e-5,
+                             atol=1e-6 * ref["gsq"].sum())
+  np.testing.assert_allclose(m["grad_sq_sampled"], ref["gsq"].sum(), rtol=1e-5)
+  # every sampled client trains the common layers
+  assert m["e2_layers_sampled"][K] <= 1e-12 * ref["gsq"].sum()
 
 
 def test_rounds_without_diagnostics_log_nan():

@@ -34,12 +34,12 @@ def test_population_run_logs_the_bound_and_resumes_exactly(data_dir, tmp_path): 
   rows_b, layers_b = read(resumed)
   assert list(layers["round"]) == [0, 2]                     # every diagnosed round, once
   k1 = setup.k + 1
-  for key in bound.LAYER_KEYS:
+  for key in bound.LAYER_KEYS + ("e2_layers_sampled",):
     assert layers[key].shape == (2, k1)
     np.testing.assert_array_equal(layers[key], layers_b[key])
   assert list(layers["names"][-1:]) == ["common"] and np.all(layers["lipschitz"] > 0)
   for r, rb in zip(rows, rows_b):
-    for col in bound.BOUND_COLUMNS + ("e1", "e2", "grad_sq", "update_sq"):
+    for col in bound.BOUND_COLUMNS + ("e1", "e2", "grad_sq", "update_sq", "e2_sampled"):
       assert r[col] == rb[col], col
   # Per round: the row's totals are the per-layer file's sums; the running average
   # and the right-hand side are there from round 0 on.

@@ -41,7 +41,7 @@ def main(out: str) -> list[str]:
   fig, axes = plt.subplots(1, len(lams), figsize=(3.6 * len(lams), 3.4), sharey=True)
   for ax, lam in zip(np.atleast_1d(axes), lams):
     rows = _read(os.path.join(out, f"seed{seed}_lam{lam:g}", "metrics.csv"))
-    for name, style in (("e1", "s"), ("e2", "^"), ("grad_sq", "o")):
+    for name, style in (("e1", "s"), ("e2", "^"), ("e2_sampled", "v"), ("grad_sq", "o")):
       x, y = _col(rows, name)
       ax.plot(x + 1, np.maximum(y, 1e-12), style, ms=3, ls="", label=name)
     for name, style in (("grad_sq_avg", "-"), ("bound_rhs", "-"), ("bound_rhs_fstar0", "--")):
@@ -57,7 +57,8 @@ def main(out: str) -> list[str]:
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   x = np.array(lams)
   xs = np.maximum(x, x[x > 0].min() / 3) if (x > 0).any() else x
-  for key, label in (("mean_e1", "E1"), ("mean_e2", "E2"), ("mean_e2_bound", "E2 bound")):
+  for key, label in (("mean_e1", "E1"), ("mean_e2", "E2"), ("mean_e2_bound", "E2 bound"),
+                     ("mean_e2_sampled", "E2, sampled clients as reference")):
     v = np.array([[float(r[key]) for r in summary if float(r["lam"]) == lam] for lam in lams])
     axes[0].errorbar(xs, v.mean(1), v.std(1), marker="o", capsize=3, label=label)
   axes[0].set(xscale="log", yscale="symlog", xlabel="lambda (0 at the left edge)",
