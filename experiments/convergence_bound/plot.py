@@ -4,7 +4,8 @@
 
 Reads ``summary.csv`` and each run's ``metrics.csv`` / ``diagnostics.npz``
 and writes ``terms.png`` (per lambda, seed 0: E1, E2, ||grad f||^2 as markers
-on the diagnosed rounds only; running average and right-hand sides as lines),
+on the diagnosed rounds only, values below 1e-3 drawn at 1e-3; running
+average and right-hand sides as lines),
 ``lambda.png`` (mean E1 and E2 and the final LHS/RHS against lambda, mean ±
 std over seeds) and ``layers.png`` (per-layer E1_l and E2_l, seed 0).
 """
@@ -16,6 +17,8 @@ import os
 import sys
 
 import numpy as np
+
+FLOOR = 1e-3   # terms below (exact zeros: E1 with every layer covered, E2 with consensus) sit here
 
 
 def _read(path):
@@ -43,11 +46,12 @@ def main(out: str) -> list[str]:
     rows = _read(os.path.join(out, f"seed{seed}_lam{lam:g}", "metrics.csv"))
     for name, style in (("e1", "s"), ("e2", "^"), ("e2_sampled", "v"), ("grad_sq", "o")):
       x, y = _col(rows, name)
-      ax.plot(x + 1, np.maximum(y, 1e-12), style, ms=3, ls="", label=name)
+      ax.plot(x + 1, np.maximum(y, FLOOR), style, ms=3, ls="", label=name)
     for name, style in (("grad_sq_avg", "-"), ("bound_rhs", "-"), ("bound_rhs_fstar0", "--")):
       x, y = _col(rows, name)
       ax.plot(x + 1, y, style, label=name)
-    ax.set(yscale="log", xlabel="round", title=f"lambda = {lam:g} (seed {seed})")
+    ax.set(yscale="log", xlabel="round", title=f"lambda = {lam:g} (seed {seed})",
+           ylim=(FLOOR / 2, None))
     ax.grid(alpha=0.3)
   np.atleast_1d(axes)[0].legend(fontsize=7)
   paths.append(os.path.join(out, "terms.png"))
@@ -86,7 +90,8 @@ def main(out: str) -> list[str]:
         im = axes[i, j].imshow(np.log10(np.maximum(f[key].T, 1e-8)), aspect="auto",
                                origin="lower", vmin=-8, vmax=0, cmap="magma",
                                extent=(rounds[0] - 0.5, rounds[-1] + 0.5, -0.5, len(names) - 0.5))
-        axes[i, j].set_yticks(range(len(names)), names, fontsize=7)
+        axes[i, j].set_yticks(range(len(names)), names if j == 0 else [""] * len(names),
+                              fontsize=7)
         axes[i, j].set_title(f"log10 {key[:2].upper()}_l, lambda {lam:g}", fontsize=8)
   fig.colorbar(im, ax=axes, shrink=0.6)
   paths.append(os.path.join(out, "layers.png"))
