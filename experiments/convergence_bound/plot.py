@@ -31,6 +31,29 @@ def _col(rows, name):
   return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
+def write_tightness(out: str, summary: list[dict], lams: list[float]) -> str:
+  """tightness.md: how loose the bound is at the last round and which term makes it."""
+  def ms(fn, lam):
+    v = np.array([fn(r) for r in summary if float(r["lam"]) == lam])
+    return f"{v.mean():.3g} ± {v.std():.2g}"
+
+  f = lambda key: (lambda r: float(r[key]))
+  lines = ["At the last round, mean ± std over seeds (from summary.csv):", "",
+           "| lambda | RHS / LHS | share of RHS: L-term | share: E1 + E2 | share: 2(f0 - f*)/(eta T) "
+           "| E2 / E2 bound |", "|---|---|---|---|---|---|"]
+  for lam in lams:
+    lines.append(
+        f"| {lam:g} | {ms(lambda r: f('final_rhs')(r) / f('final_lhs')(r), lam)} | "
+        f"{ms(lambda r: f('final_eta')(r) / f('final_rhs')(r), lam)} | "
+        f"{ms(lambda r: f('final_err')(r) / f('final_rhs')(r), lam)} | "
+        f"{ms(lambda r: f('final_opt')(r) / f('final_rhs')(r), lam)} | "
+        f"{ms(lambda r: f('mean_e2')(r) / f('mean_e2_bound')(r), lam)} |")
+  path = os.path.join(out, "tightness.md")
+  with open(path, "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  return path
+
+
 def main(out: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -39,7 +62,7 @@ def main(out: str) -> list[str]:
   summary = _read(os.path.join(out, "summary.csv"))
   lams = sorted({float(r["lam"]) for r in summary})
   seed = min(int(r["seed"]) for r in summary)
-  paths = []
+  paths = [write_tightness(out, summary, lams)]
 
   fig, axes = plt.subplots(1, len(lams), figsize=(3.6 * len(lams), 3.4), sharey=True)
   for ax, lam in zip(np.atleast_1d(axes), lams):
