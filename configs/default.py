@@ -183,5 +183,5 @@ def smoke_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.selection.sel_batches = 1
   c.eval_every = 1
   c.checkpoint_every = 1
-  c.diagnostics_every = 1
+  c.diagnostics.every = 1
   return c

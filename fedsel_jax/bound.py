@@ -24,6 +24,9 @@ import numpy as np
 BOUND_COLUMNS = ("grad_sq_avg", "bound_rhs", "bound_rhs_fstar0", "bound_opt", "bound_err",
                  "bound_eta", "f_star", "L_max")
 LAYER_KEYS = ("e1_layers", "e2_layers", "kappa_sq", "grad_sq_layers", "p_layers")
+OPTIONAL_LAYER_KEYS = ("e2_layers_sampled",)   # population mode only
+SAMPLED_COLUMNS = ("e1_sampled", "e2_sampled", "e2_bound_sampled", "grad_sq_sampled")
+PREFIX = "diag_"   # history keys of the per-layer terms
 
 
 def effective_step(local_steps: int, client_lr: float, server_lr: float) -> float:

@@ -109,6 +109,7 @@ class Setup:
         diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
         diag_power_iters=config.diagnostics.power_iters,
         solver_starts=sel.solver_starts, unroll=_unroll(config))
+    self.population = population_data(config, self.clients)
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,

@@ -31,7 +31,7 @@ from fedsel_jax.errors import WorkdirError
 # where data is read from, not the model a round produces. fl.num_rounds may
 # grow (never fall below the rounds done; train.py checks).
 RESUMABLE = ("fl.num_rounds", "fl.max_bad_rounds", "eval_every", "eval_batch_size",
-             "checkpoint_every", "checkpoint_keep", "diagnostics_every",
+             "checkpoint_every", "checkpoint_keep", "diagnostics.every",
              "compare_strategies", "selection.check_exact", "data.data_dir", "data.archive")
 
 FINGERPRINT = "fingerprint.json"

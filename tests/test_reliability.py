@@ -389,7 +389,7 @@ st = hypothesis.strategies
 _INTS = st.integers(-2, 40).map(str)
 _FLOATS = st.sampled_from(["0", "-1", "1e-3", "0.1", "1e6", "nan", "inf", "-inf", "2.5", "abc"])
 _VALUES = {
-    "eval_every": _INTS, "checkpoint_every": _INTS, "diagnostics_every": _INTS,
+    "eval_every": _INTS, "checkpoint_every": _INTS, "diagnostics.every": _INTS,
     "eval_batch_size": _INTS, "checkpoint_keep": _INTS, "seed": _INTS,
     "selection.solver_starts": _INTS, "selection.sel_batches": _INTS, "selection.sel_gap": _INTS,
     "model.width": _INTS, "model.depth": st.integers(-1, 6).map(str),
