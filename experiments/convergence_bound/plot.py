@@ -48,6 +48,17 @@ def write_tightness(out: str, summary: list[dict], lams: list[float]) -> str:
         f"{ms(lambda r: f('final_err')(r) / f('final_rhs')(r), lam)} | "
         f"{ms(lambda r: f('final_opt')(r) / f('final_rhs')(r), lam)} | "
         f"{ms(lambda r: f('mean_e2')(r) / f('mean_e2_bound')(r), lam)} |")
+  worst = 0.0   # the layer-wise bound E2_l <= (1/P_l - 1) kappa_l^2, every layer and round
+  for r in summary:
+    with np.load(os.path.join(out, f"seed{r['seed']}_lam{float(r['lam']):g}",
+                              "diagnostics.npz")) as f:
+      p, kappa, e2 = f["p_layers"], f["kappa_sq"], f["e2_layers"]
+    bound = np.where(p > 0, (1 / np.maximum(p, 1e-30) - 1) * kappa, 0)
+    if np.any(e2 > bound * (1 + 1e-4) + 1e-9):
+      raise AssertionError(f"E2_l above its bound in seed {r['seed']} lambda {r['lam']}")
+    worst = max(worst, float(np.max(np.where(bound > 0, e2 / np.maximum(bound, 1e-30), 0))))
+  lines += ["", f"E2_l <= (1/P_l - 1) kappa_l^2 on every layer and diagnosed round of every run; "
+            f"the largest ratio E2_l / bound_l is {worst:.3g}."]
   path = os.path.join(out, "tightness.md")
   with open(path, "w") as fh:
     fh.write("\n".join(lines) + "\n")
