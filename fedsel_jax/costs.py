@@ -16,6 +16,11 @@ import numpy as np
 BUDGET_KINDS = ("fixed", "uniform", "truncnorm")
 COST_KINDS = ("unit", "params", "flops")
 
+# Relative slack the in-graph selectors grant a budget: float32 sums of costs
+# (a depth-aware set's weight and backward parts) may land a few ulps above a
+# budget they meet exactly. Below selection.FEASIBILITY_RTOL.
+BUDGET_SLACK = 1e-6
+
 # Budgets draw from their own stream of the run seed, so adding other uses of
 # the seed (partitions, sampling) never changes them.
 _BUDGET_STREAM = 0xB0D6E7
@@ -87,8 +92,8 @@ def layer_costs(kind: str = "unit", *, param_counts=None, flops=None
 
   Args:
     kind: ``"unit"`` (all 1), ``"params"`` (parameter count) or ``"flops"``
-      (training FLOPs per sample, proportional to forward FLOPs under the
-      convention of :func:`training_flops_per_sample`).
+      (forward FLOPs, an additive proxy; runs with ``selection.cost =
+      'flops'`` use the depth-aware :func:`budget_costs` instead).
     param_counts: int[K] parameters per candidate layer (gives K for unit).
     flops: f32[K] forward FLOPs per sample per candidate layer.
 
@@ -119,6 +124,38 @@ def layer_costs(kind: str = "unit", *, param_counts=None, flops=None
   return (source / source.mean()).astype(np.float32)
 
 
+def budget_costs(kind: str, param_counts, forward_flops=None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+  """The costs budgets are spent in, for ``selection.cost``.
+
+  ``"unit"`` and ``"params"``: additive :func:`layer_costs`. ``"flops"``:
+  the depth-aware training FLOPs per example (:func:`depth_costs_from_flops`,
+  without the constant every client pays) in units of the cheapest
+  non-empty set, i.e. training one block alone (normally the top one): a
+  budget of 2 buys twice that.
+
+  Args:
+    kind: ``selection.cost``.
+    param_counts: int[K] parameters per candidate layer.
+    forward_flops: ``(fixed, blocks f[K], common)`` forward FLOPs per example
+      (:func:`model_forward_flops`); needed for ``"flops"``.
+
+  Returns:
+    ``(costs f32[K], backward f32[K + 1] or None)``.
+  """
+  if kind != "flops":
+    return layer_costs(kind, param_counts=param_counts), None
+  if forward_flops is None:
+    raise ValueError("selection.cost='flops' needs the model's forward FLOPs")
+  fixed, blocks, common = forward_flops
+  if not np.all(np.asarray(blocks) > 0):
+    raise ValueError(f"selection.cost='flops': every block's FLOPs must be > 0, got "
+                     f"{np.asarray(blocks).tolist()}")
+  model = depth_costs_from_flops(blocks, common, fixed)
+  model = model.scaled(model.cheapest_set)
+  return model.weight.astype(np.float32), model.backward.astype(np.float32)
+
+
 def check_lam(lam) -> float:
   """Returns ``float(lam)``; raises ValueError naming ``selection.lam``.
 
@@ -135,16 +172,21 @@ def check_lam(lam) -> float:
   return value
 
 
-def check_budgets(budgets, costs) -> None:
+def check_budgets(budgets, costs, backward=None) -> None:
   """Raises ValueError (naming ``selection.budget``) if a client can afford
   no candidate layer at all, i.e. some budget < the cheapest layer's cost.
 
   Args:
     budgets: f32[N].
     costs: f32[K].
+    backward: f32[K + 1] or None (depth-aware: a single block l costs
+      ``costs[l] + backward[l]``).
   """
   budgets = np.asarray(budgets, np.float64)
-  cheapest = float(np.min(costs))
+  single = np.asarray(costs, np.float64)
+  if backward is not None:
+    single = single + np.asarray(backward, np.float64)[:-1]
+  cheapest = float(np.min(single))
   if not np.all(np.isfinite(budgets)) or np.min(budgets) < cheapest:
     bad = np.flatnonzero(~(budgets >= cheapest))
     raise ValueError(
@@ -245,6 +287,38 @@ def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flop
   backward = np.concatenate([head + np.cumsum(f[::-1])[::-1], [0.0]])
   return DepthCosts(weight=f, backward=backward,
                     constant=float(fixed_forward_flops) + float(f.sum()) + 2 * head)
+
+
+def _prefix_flops(rows, prefix: str) -> float:
+  path = tuple(prefix.strip("/").split("/"))
+  return float(sum(r.flops for r in rows if tuple(r.path) == path))
+
+
+def model_forward_flops(module, example_input, groups) -> tuple[float, np.ndarray, float]:
+  """Forward FLOPs per example of a model's fixed, candidate and common groups.
+
+  Measured by XLA's cost analysis of each submodule named by a group prefix
+  (flax's module table, as in ``nn.tabulate(compute_flops=True)``), at one
+  example. A prefix that names no submodule (a bare parameter such as a
+  position embedding) counts 0.
+
+  Args:
+    module: the flax module (``ModelSpec.module``).
+    example_input: a batch of inputs; its first example is used.
+    groups: the model's :class:`fedsel_jax.masks.LayerGroups`.
+
+  Returns:
+    ``(fixed, blocks f64[K], common)`` forward FLOPs per example.
+  """
+  from flax.linen import summary  # pylint: disable=g-import-not-at-top
+  table = summary._get_module_table(  # pylint: disable=protected-access
+      module, depth=None, show_repeated=False, compute_flops=True,
+      compute_vjp_flops=False)
+  rows = table(jax.random.key(0), np.asarray(example_input)[:1])
+  blocks = np.array([sum(_prefix_flops(rows, p) for p in prefixes)
+                     for _, prefixes in groups.candidates])
+  return (sum(_prefix_flops(rows, p) for p in groups.fixed), blocks,
+          sum(_prefix_flops(rows, p) for p in groups.common))
 
 
 def lowest_selected(masks: jax.Array) -> jax.Array:
