@@ -296,6 +296,7 @@ def selection_step(parts: RoundParts, state: ServerState, rd: dict, scores: jax.
     metrics["scores"] = scores
     metrics["objective"] = selection.p1_objective(masks, selection.normalize_scores(scores),
                                                   rd["lam"], client_valid=valid)
+  metrics["scored"] = need & (scores is not None)  # clients that sent scores
   metrics["penalty"] = selection.p1_penalty(masks, rd["lam"], client_valid=valid)
   # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
   metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)

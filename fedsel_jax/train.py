@@ -94,6 +94,10 @@ class Setup:
     self.flops = selection.model_forward_flops(self.spec.module, self.spec.example_input,
                                                self.spec.groups)
     self.costs, self.backward = selection.budget_costs(sel.cost, sizes, self.flops)
+    self.run_costs = selection.make_run_costs(
+        self.params, self.index, self.k, self.flops, local_steps=config.fl.local_steps,
+        batch_size=config.fl.batch_size, sel_batches=sel.sel_batches,
+        n_max=self.clients.mask.shape[1])
     if sel.cost == "unit" and b.kind == "fixed" and b.value > self.k:
       raise ConfigError(f"selection.budget.value={b.value} exceeds the {self.k} candidate "
                         f"layers of model {config.model.name!r}")
@@ -379,6 +383,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
       if (t + 1) % config.eval_every == 0 or last:
         ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
       run.rows.append(_row(t, metrics, seconds, names, ev))
+      run.rows[-1].update(selection.round_costs(setup.run_costs, metrics["masks"], rd["valid"],
+                                                metrics["scored"], rd["num_examples"]))
       _record_selection(run, setup, config, rd, metrics)
       bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.3f}",
                       acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
@@ -404,7 +410,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   final = {"strategy": config.selection.strategy, "rounds": num_rounds,
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
-           if run.rows else float("nan")}
+           if run.rows else float("nan"), **selection.cost_totals(run.rows)}
   def write_final(tmp):
     with open(tmp, "w") as f:
       json.dump(final, f, indent=2)
