@@ -53,6 +53,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.pooling = "mean"
   c.model.max_len = 24
+  # Fixed groups (embeddings): auto = fixed when pretrained, trained by every
+  # client when from scratch (then `full` is FedAvg) | fixed | trained.
+  c.model.embeddings = "auto"
+  c.model.sub_blocks = False     # attention and MLP of each block as separate candidates
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_rounds = 20

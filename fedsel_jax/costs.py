@@ -16,6 +16,11 @@ import numpy as np
 BUDGET_KINDS = ("fixed", "uniform", "truncnorm")
 COST_KINDS = ("unit", "params", "flops")
 
+# Relative slack the in-graph selectors grant a budget: float32 sums of costs
+# (a depth-aware set's weight and backward parts) may land a few ulps above a
+# budget they meet exactly. Below selection.FEASIBILITY_RTOL.
+BUDGET_SLACK = 1e-6
+
 # Budgets draw from their own stream of the run seed, so adding other uses of
 # the seed (partitions, sampling) never changes them.
 _BUDGET_STREAM = 0xB0D6E7
@@ -87,8 +92,8 @@ def layer_costs(kind: str = "unit", *, param_counts=None, flops=None
 
   Args:
     kind: ``"unit"`` (all 1), ``"params"`` (parameter count) or ``"flops"``
-      (training FLOPs per sample, proportional to forward FLOPs under the
-      convention of :func:`training_flops_per_sample`).
+      (forward FLOPs, an additive proxy; runs with ``selection.cost =
+      'flops'`` use the depth-aware :func:`budget_costs` instead).
     param_counts: int[K] parameters per candidate layer (gives K for unit).
     flops: f32[K] forward FLOPs per sample per candidate layer.
 
@@ -119,6 +124,38 @@ def layer_costs(kind: str = "unit", *, param_counts=None, flops=None
   return (source / source.mean()).astype(np.float32)
 
 
+def budget_costs(kind: str, param_counts, forward_flops=None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+  """The costs budgets are spent in, for ``selection.cost``.
+
+  ``"unit"`` and ``"params"``: additive :func:`layer_costs`. ``"flops"``:
+  the depth-aware training FLOPs per example (:func:`depth_costs_from_flops`,
+  without the constant every client pays) in units of the cheapest
+  non-empty set, i.e. training one block alone (normally the top one): a
+  budget of 2 buys twice that.
+
+  Args:
+    kind: ``selection.cost``.
+    param_counts: int[K] parameters per candidate layer.
+    forward_flops: ``(fixed, blocks f[K], common)`` forward FLOPs per example
+      (:func:`model_forward_flops`); needed for ``"flops"``.
+
+  Returns:
+    ``(costs f32[K], backward f32[K + 1] or None)``.
+  """
+  if kind != "flops":
+    return layer_costs(kind, param_counts=param_counts), None
+  if forward_flops is None:
+    raise ValueError("selection.cost='flops' needs the model's forward FLOPs")
+  fixed, blocks, common = forward_flops
+  if not np.all(np.asarray(blocks) > 0):
+    raise ValueError(f"selection.cost='flops': every block's FLOPs must be > 0, got "
+                     f"{np.asarray(blocks).tolist()}")
+  model = depth_costs_from_flops(blocks, common, fixed)
+  model = model.scaled(model.cheapest_set)
+  return model.weight.astype(np.float32), model.backward.astype(np.float32)
+
+
 def check_lam(lam) -> float:
   """Returns ``float(lam)``; raises ValueError naming ``selection.lam``.
 
@@ -135,16 +172,21 @@ def check_lam(lam) -> float:
   return value
 
 
-def check_budgets(budgets, costs) -> None:
+def check_budgets(budgets, costs, backward=None) -> None:
   """Raises ValueError (naming ``selection.budget``) if a client can afford
   no candidate layer at all, i.e. some budget < the cheapest layer's cost.
 
   Args:
     budgets: f32[N].
     costs: f32[K].
+    backward: f32[K + 1] or None (depth-aware: a single block l costs
+      ``costs[l] + backward[l]``).
   """
   budgets = np.asarray(budgets, np.float64)
-  cheapest = float(np.min(costs))
+  single = np.asarray(costs, np.float64)
+  if backward is not None:
+    single = single + np.asarray(backward, np.float64)[:-1]
+  cheapest = float(np.min(single))
   if not np.all(np.isfinite(budgets)) or np.min(budgets) < cheapest:
     bad = np.flatnonzero(~(budgets >= cheapest))
     raise ValueError(
@@ -247,6 +289,38 @@ def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flop
                     constant=float(fixed_forward_flops) + float(f.sum()) + 2 * head)
 
 
+def _prefix_flops(rows, prefix: str) -> float:
+  path = tuple(prefix.strip("/").split("/"))
+  return float(sum(r.flops for r in rows if tuple(r.path) == path))
+
+
+def model_forward_flops(module, example_input, groups) -> tuple[float, np.ndarray, float]:
+  """Forward FLOPs per example of a model's fixed, candidate and common groups.
+
+  Measured by XLA's cost analysis of each submodule named by a group prefix
+  (flax's module table, as in ``nn.tabulate(compute_flops=True)``), at one
+  example. A prefix that names no submodule (a bare parameter such as a
+  position embedding) counts 0.
+
+  Args:
+    module: the flax module (``ModelSpec.module``).
+    example_input: a batch of inputs; its first example is used.
+    groups: the model's :class:`fedsel_jax.masks.LayerGroups`.
+
+  Returns:
+    ``(fixed, blocks f64[K], common)`` forward FLOPs per example.
+  """
+  from flax.linen import summary  # pylint: disable=g-import-not-at-top
+  table = summary._get_module_table(  # pylint: disable=protected-access
+      module, depth=None, show_repeated=False, compute_flops=True,
+      compute_vjp_flops=False)
+  rows = table(jax.random.key(0), np.asarray(example_input)[:1])
+  blocks = np.array([sum(_prefix_flops(rows, p) for p in prefixes)
+                     for _, prefixes in groups.candidates])
+  return (sum(_prefix_flops(rows, p) for p in groups.fixed), blocks,
+          sum(_prefix_flops(rows, p) for p in groups.common))
+
+
 def lowest_selected(masks: jax.Array) -> jax.Array:
   """i32[...]: index of the lowest selected layer, K if none."""
   masks = jnp.asarray(masks, bool)
@@ -297,3 +371,112 @@ def communication_bytes(param_counts: jax.Array, masks: jax.Array, *,
   scores_up = counts.shape[0] * score_bytes if sends_scores else 0
   up = (selected + jnp.float32(common_params)) * bytes_per_param + scores_up
   return down, up
+
+
+# ----------------------------------------------------------------------------
+# Cost accounting of a run (host side, one call per round).
+
+COST_COLUMNS = ("train_flops", "score_flops", "bytes_up", "bytes_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCosts:
+  """What a run's rounds cost, per example and per parameter.
+
+  Attributes:
+    fixed_flops, block_flops (f64[K]), common_flops: forward FLOPs per
+      example (:func:`model_forward_flops`).
+    fixed_params, block_params (int[K]), common_params: parameter counts.
+    train_examples: examples one client's local training reads (tau x B).
+    score_rows: score rows a client reads at most (score batches x B).
+    bytes_per_param: 4 (float32 deltas and model).
+  """
+
+  fixed_flops: float
+  block_flops: np.ndarray
+  common_flops: float
+  fixed_params: int
+  block_params: np.ndarray
+  common_params: int
+  train_examples: int
+  score_rows: int
+  bytes_per_param: int = 4
+
+
+def round_costs(run: RunCosts, masks, valid, scored, num_examples) -> dict[str, float]:
+  """Totals of one round over the sampled clients (SPEC.md, "Cost model").
+
+  * ``train_flops``: local training as selected, depth-aware
+    (:func:`training_flops_per_sample` x ``train_examples``): what the masks
+    need, which is what ``fl.backprop_cut`` realises;
+  * ``score_flops``: the score pass of the clients that sent scores: a
+    forward and a full backward (every candidate and common layer) over the
+    examples they drew;
+  * ``bytes_up``: K float32 scores (scoring clients) + the deltas of the
+    common and selected layers; ``bytes_down``: the whole model.
+  The E1/E2 diagnostics pass is analysis, not training, and is not charged.
+
+  Args:
+    run: the run's :class:`RunCosts`.
+    masks: bool[M, K]; valid: bool[M]; scored: bool[M] clients that sent
+      scores this round; num_examples: int[M] real examples per client.
+
+  Returns:
+    ``{name: float}`` for :data:`COST_COLUMNS`.
+  """
+  masks, valid = np.asarray(masks, bool), np.asarray(valid, bool)
+  scored = np.asarray(scored, bool) & valid
+  per_example = np.asarray(training_flops_per_sample(
+      run.block_flops, run.common_flops, masks, fixed_forward_flops=run.fixed_flops),
+      np.float64)
+  full = float(np.asarray(training_flops_per_sample(
+      run.block_flops, run.common_flops, np.ones((1, masks.shape[1]), bool),
+      fixed_forward_flops=run.fixed_flops))[0])
+  rows = np.minimum(np.asarray(num_examples, np.float64), run.score_rows)
+  selected = (masks * np.asarray(run.block_params, np.float64)).sum(1) + run.common_params
+  model = run.fixed_params + run.common_params + float(np.sum(run.block_params))
+  k = masks.shape[1]
+  return {
+      "train_flops": float(np.sum(per_example[valid]) * run.train_examples),
+      "score_flops": float(np.sum(rows[scored]) * full),
+      "bytes_up": float(np.sum(selected[valid]) * run.bytes_per_param
+                        + 4 * k * np.sum(scored)),
+      "bytes_down": float(np.sum(valid) * model * run.bytes_per_param),
+  }
+
+
+def cost_totals(rows: list[dict]) -> dict[str, float]:
+  """``total_<column>`` over a run's metrics rows (for final.json)."""
+  return {f"total_{c}": float(sum(float(r[c]) for r in rows if r.get(c, "") != ""))
+          for c in COST_COLUMNS}
+
+
+def make_run_costs(params, index, num_candidates: int, forward_flops, *, local_steps: int,
+                   batch_size: int, sel_batches: int, n_max: int) -> RunCosts:
+  """:class:`RunCosts` of a run from its parameters and forward FLOPs.
+
+  Args:
+    params: the model's parameter pytree.
+    index: leaf -> group table (:func:`fedsel_jax.masks.group_index`).
+    num_candidates: K.
+    forward_flops: ``(fixed, blocks f[K], common)``
+      (:func:`model_forward_flops`).
+    local_steps, batch_size, sel_batches: the run's ``fl`` / ``selection``
+      settings; n_max: rows of the padded client arrays.
+  """
+  from fedsel_jax import scores as scores_lib  # pylint: disable=g-import-not-at-top
+  from fedsel_jax.masks import COMMON, FIXED  # pylint: disable=g-import-not-at-top
+  blocks = np.zeros((num_candidates,), np.int64)
+  kinds = {FIXED: 0, COMMON: 0}
+  for k, leaf in zip(jax.tree_util.tree_leaves(index), jax.tree_util.tree_leaves(params)):
+    size = int(np.prod(leaf.shape))
+    if k >= 0:
+      blocks[k] += size
+    else:
+      kinds[k] += size
+  fixed, block_flops, common = forward_flops
+  return RunCosts(fixed_flops=float(fixed), block_flops=np.asarray(block_flops, np.float64),
+                  common_flops=float(common), fixed_params=kinds[FIXED], block_params=blocks,
+                  common_params=kinds[COMMON], train_examples=local_steps * batch_size,
+                  score_rows=scores_lib.num_score_batches(n_max, batch_size, sel_batches)
+                  * batch_size)

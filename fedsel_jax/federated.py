@@ -191,22 +191,27 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
 
 def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.Array,
                  budgets: jax.Array, lam: jax.Array, valid: jax.Array,
-                 key: jax.Array, client_ids: jax.Array) -> jax.Array:
-  """bool[M, K] masks of the sampled clients for the configured strategy."""
+                 key: jax.Array, client_ids: jax.Array, backward=None) -> jax.Array:
+  """bool[M, K] masks of the sampled clients for the configured strategy
+  (``backward`` f32[K + 1]: depth-aware budgets, see selection)."""
   name = settings.strategy
   if name == "head":
     return jnp.zeros((budgets.shape[0], costs.shape[0]), bool)
   if name == "random":
     return selection.select_random(costs, budgets, key, client_ids=client_ids,
-                                   client_valid=valid)
-  if name in ("full", "top", "bottom", "both"):
-    return getattr(selection, f"select_{name}")(costs, budgets, client_valid=valid)
+                                   client_valid=valid, backward=backward)
+  if name == "full":
+    return selection.select_full(costs, budgets, client_valid=valid)
+  if name in ("top", "bottom", "both"):
+    return getattr(selection, f"select_{name}")(costs, budgets, client_valid=valid,
+                                                backward=backward)
   normalised = selection.normalize_scores(scores)
   if STRATEGIES[name][1]:
     out = selection.solve_p1(normalised, costs, budgets, lam, client_valid=valid,
-                             num_starts=settings.solver_starts)
+                             backward=backward, num_starts=settings.solver_starts)
   else:
-    out = selection.select_topk_scores(normalised, costs, budgets, client_valid=valid)
+    out = selection.select_topk_scores(normalised, costs, budgets, client_valid=valid,
+                                       backward=backward)
   return out & valid[:, None]
 
 
@@ -220,6 +225,8 @@ class RoundParts:
     index: static leaf -> group table.
     k: number of candidate layers K.
     costs: f32[K] layer costs.
+    backward: f32[K + 1] or None: depth-aware budgets (``costs`` are then
+      weight-gradient costs; see selection).
     variants: static candidate-group sets, one per client-update variant;
       with ``backprop_cut`` the sets ``{c, ..., K-1}`` for c in
       ``settings.cut_levels`` (default 0..K; 0 is always included), else the
@@ -239,6 +246,7 @@ class RoundParts:
   variants: tuple[tuple[int, ...], ...]
   updates: tuple[Callable, ...]
   constrain: Callable = _identity
+  backward: jax.Array | None = None
 
   def variant_table(self) -> np.ndarray:
     """bool[V, K]: the candidate groups each variant trains."""
@@ -308,13 +316,14 @@ def selection_step(parts: RoundParts, state: ServerState, rd: dict, scores: jax.
   ids, valid = rd["client_ids"], rd["valid"]
   old = jnp.take(state.client_masks, ids, axis=0, mode="fill", fill_value=False)
   fresh = select_masks(parts.settings, scores, parts.costs, rd["budgets"], rd["lam"], valid,
-                       sel_key, ids)
+                       sel_key, ids, parts.backward)
   masks = jnp.where(need[:, None], fresh, old) & valid[:, None]
   metrics: dict[str, jax.Array] = {}
   if scores is not None:
     metrics["scores"] = scores
     metrics["objective"] = selection.p1_objective(masks, selection.normalize_scores(scores),
                                                   rd["lam"], client_valid=valid)
+  metrics["scored"] = need & (scores is not None)  # clients that sent scores
   metrics["penalty"] = selection.p1_penalty(masks, rd["lam"], client_valid=valid)
   # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
   metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)
@@ -439,7 +448,8 @@ def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Arr
 def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
                      client_opt: optax.GradientTransformation, costs: np.ndarray,
                      settings: RoundSettings,
-                     client_sharding: jax.sharding.Sharding | None = None) -> RoundParts:
+                     client_sharding: jax.sharding.Sharding | None = None,
+                     backward: np.ndarray | None = None) -> RoundParts:
   """The static :class:`RoundParts` of :func:`make_round_fn`."""
   k = num_candidates
   # `head` trains no candidate layer: the empty variant skips the encoder's
@@ -466,14 +476,16 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
 
   return RoundParts(settings=settings, loss_fn=loss_fn, index=index, k=k,
                     costs=jnp.asarray(costs, jnp.float32), variants=variants, updates=updates,
-                    constrain=_identity if client_sharding is None else constrain)
+                    constrain=_identity if client_sharding is None else constrain,
+                    backward=None if backward is None else jnp.asarray(backward, jnp.float32))
 
 
 def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
                   client_opt: optax.GradientTransformation,
                   server_opt: optax.GradientTransformation, costs: np.ndarray,
                   settings: RoundSettings, *,
-                  client_sharding: jax.sharding.Sharding | None = None) -> Callable:
+                  client_sharding: jax.sharding.Sharding | None = None,
+                  backward: np.ndarray | None = None) -> Callable:
   """Builds the (unjitted) round function.
 
   Args:
@@ -485,6 +497,8 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     settings: static round settings.
     client_sharding: optional sharding of a chunk's client axis (a
       ``NamedSharding`` with ``PartitionSpec('clients')``).
+    backward: f32[K + 1] or None: depth-aware budgets (``selection.cost =
+      'flops'``; ``costs`` are then weight-gradient costs).
 
   Returns:
     ``round_fn(state, round_data, key) -> (state, metrics)`` where
@@ -498,7 +512,7 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     :func:`diagnostics.diagnose_round`).
   """
   parts = make_round_parts(loss_fn, index, num_candidates, client_opt, costs, settings,
-                           client_sharding)
+                           client_sharding, backward)
 
   def round_fn(state: ServerState, rd: dict, key: jax.Array):
     ids, valid = rd["client_ids"], rd["valid"]

@@ -56,6 +56,35 @@ class LayerGroups:
     return tuple(name for name, _ in self.candidates)
 
 
+def split_candidates(groups: LayerGroups, parts: tuple[tuple[str, tuple[str, ...]], ...]
+                     ) -> LayerGroups:
+  """Sub-block candidates: each candidate becomes one candidate per part.
+
+  Candidate ``(name, (prefix,))`` and parts ``(("attn", ("ln1", "attn")),
+  ("mlp", ("ln2", "mlp1", "mlp2")))`` give ``name.attn`` with prefixes
+  ``prefix/ln1, prefix/attn`` and then ``name.mlp``, so the order stays
+  input -> output. Every parameter of a block must fall in one part
+  (:func:`group_index` checks).
+
+  Args:
+    groups: the model's block-level groups (one prefix per candidate).
+    parts: ``((part name, (sub-prefix, ...)), ...)`` in forward order.
+  """
+  candidates = []
+  for name, prefixes in groups.candidates:
+    if len(prefixes) != 1:
+      raise ValueError(f"candidate {name!r} has several prefixes; cannot split it")
+    for part, subs in parts:
+      candidates.append((f"{name}.{part}", tuple(f"{prefixes[0]}/{s}" for s in subs)))
+  return dataclasses.replace(groups, candidates=tuple(candidates))
+
+
+def train_fixed(groups: LayerGroups) -> LayerGroups:
+  """The fixed groups become common: every client trains them every round
+  (a model trained from scratch, whose random embeddings must learn)."""
+  return dataclasses.replace(groups, fixed=(), common=tuple(groups.fixed) + tuple(groups.common))
+
+
 def path_str(path) -> str:
   """Joins a ``jax.tree_util`` key path into ``a/b/c``."""
   parts = []

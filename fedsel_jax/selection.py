@@ -31,6 +31,12 @@ budget of 2 means "two average layers" for every cost kind.
 
 Padding clients (``client_valid`` False) get all-False masks from the solvers
 and do not count in M.
+
+Depth-aware budgets: every budgeted baseline, :func:`select_topk_scores`,
+the solvers and :func:`is_feasible` take ``backward`` (f32[K + 1]); a layer
+set then costs ``sum_{l in S} costs[l] + backward[lowest(S)]``
+(:class:`fedsel_jax.costs.DepthCosts`, selected with ``selection.cost =
+'flops'``).
 """
 
 from __future__ import annotations
@@ -39,16 +45,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsel_jax import knapsack as knap
+from fedsel_jax import costs as costs_lib
+from fedsel_jax import solver as solver_lib
 # Re-exported: callers use them as selection.solve_p1, selection.draw_budgets etc.
 # pylint: disable=unused-import
+from fedsel_jax.costs import budget_costs
 from fedsel_jax.costs import BUDGET_KINDS
 from fedsel_jax.costs import check_budgets
 from fedsel_jax.costs import check_lam
 from fedsel_jax.costs import communication_bytes
+from fedsel_jax.costs import cost_totals
 from fedsel_jax.costs import COST_KINDS
 from fedsel_jax.costs import draw_budgets
 from fedsel_jax.costs import layer_costs
+from fedsel_jax.costs import make_run_costs
+from fedsel_jax.costs import model_forward_flops
+from fedsel_jax.costs import round_costs
 from fedsel_jax.costs import training_flops_per_sample
 from fedsel_jax.exact import p1_objective_np
 from fedsel_jax.exact import solve_p1_brute
@@ -138,13 +150,18 @@ def p1_objective(masks: jax.Array, scores: jax.Array, lam,
   return gain - p1_penalty(m, lam, valid)
 
 
-def mask_costs(masks: jax.Array, costs: jax.Array) -> jax.Array:
-  """f32[M]: total cost of each client's selected layers."""
+def mask_costs(masks: jax.Array, costs: jax.Array, backward: jax.Array | None = None
+               ) -> jax.Array:
+  """f32[M]: cost of each client's selected layers (depth-aware if
+  ``backward`` f32[K + 1] is given, :class:`fedsel_jax.costs.DepthCosts`)."""
+  if backward is not None:
+    return costs_lib.depth_set_cost(masks, costs, backward)
   return jnp.sum(jnp.where(masks, jnp.asarray(costs, jnp.float32), 0.0), axis=-1)
 
 
 def is_feasible(masks: jax.Array, costs: jax.Array, budgets: jax.Array,
-                client_valid: jax.Array | None = None) -> jax.Array:
+                client_valid: jax.Array | None = None,
+                backward: jax.Array | None = None) -> jax.Array:
   """bool[M]: client within budget (relative slack ``FEASIBILITY_RTOL``).
 
   A padding client is feasible iff its mask is empty.
@@ -154,11 +171,12 @@ def is_feasible(masks: jax.Array, costs: jax.Array, budgets: jax.Array,
     costs: f32[K].
     budgets: f32[M].
     client_valid: bool[M] or None (all valid).
+    backward: f32[K + 1] or None (depth-aware budgets).
   """
   masks = jnp.asarray(masks, bool)
   valid = valid_or_all(client_valid, masks.shape[0])
   budgets = jnp.asarray(budgets, jnp.float32)
-  within = mask_costs(masks, costs) <= budgets + FEASIBILITY_RTOL * jnp.abs(budgets)
+  within = mask_costs(masks, costs, backward) <= budgets + FEASIBILITY_RTOL * jnp.abs(budgets)
   return jnp.where(valid, within, ~jnp.any(masks, axis=-1))
 
 
@@ -167,7 +185,7 @@ def is_feasible(masks: jax.Array, costs: jax.Array, budgets: jax.Array,
 
 
 def _fill_in_order(order: jax.Array, costs: jax.Array, budget: jax.Array,
-                   eligible: jax.Array) -> jax.Array:
+                   eligible: jax.Array, backward: jax.Array | None = None) -> jax.Array:
   """Walks ``order`` and takes every eligible layer that still fits.
 
   Args:
@@ -175,32 +193,41 @@ def _fill_in_order(order: jax.Array, costs: jax.Array, budget: jax.Array,
     costs: f32[K].
     budget: f32[...].
     eligible: bool[..., K] layers that may be taken.
+    backward: f32[K + 1] or None: depth-aware costs (a layer fits if the
+      whole set with it does, its backward pass included).
 
   Returns:
     bool[..., K]; a layer that does not fit is skipped and the walk goes on.
   """
+  k = costs.shape[0]
   cost_sorted = jnp.moveaxis(costs[order], -1, 0)
   elig_sorted = jnp.moveaxis(jnp.take_along_axis(eligible, order, axis=-1), -1, 0)
+  back = jnp.zeros((k + 1,), jnp.float32) if backward is None else backward
 
-  def step(used, item):
-    cost, elig = item
-    take = elig & (used + cost <= budget)
-    return used + jnp.where(take, cost, 0.0), take
+  def step(carry, item):
+    used, lowest = carry
+    cost, elig, layer = item
+    new_lowest = jnp.minimum(lowest, layer)
+    take = elig & (used + cost + back[new_lowest] <= budget)
+    return (used + jnp.where(take, cost, 0.0), jnp.where(take, new_lowest, lowest)), take
 
-  _, taken = jax.lax.scan(step, jnp.zeros(budget.shape, jnp.float32),
-                          (cost_sorted, elig_sorted))
+  init = (jnp.zeros(budget.shape, jnp.float32), jnp.full(budget.shape, k, jnp.int32))
+  _, taken = jax.lax.scan(step, init, (cost_sorted, elig_sorted, jnp.moveaxis(order, -1, 0)))
   taken = jnp.moveaxis(taken, 0, -1)
   return jnp.take_along_axis(taken, jnp.argsort(order, axis=-1), axis=-1)
 
 def _fill_clients(order: jax.Array, costs: jax.Array, budgets: jax.Array,
-                  client_valid) -> jax.Array:
+                  client_valid, backward=None) -> jax.Array:
   """Every client walks ``order`` ([K] shared or [M, K]) and skips misfits."""
   costs = jnp.asarray(costs, jnp.float32)
   budgets = jnp.asarray(budgets, jnp.float32)
   valid = valid_or_all(client_valid, budgets.shape[0])
   shape = budgets.shape + costs.shape
   order = jnp.broadcast_to(jnp.asarray(order, jnp.int32), shape)
-  masks = _fill_in_order(order, costs, budgets, jnp.ones(shape, bool))
+  if backward is not None:
+    backward = jnp.asarray(backward, jnp.float32)
+  budgets = budgets + costs_lib.BUDGET_SLACK * jnp.abs(budgets)
+  masks = _fill_in_order(order, costs, budgets, jnp.ones(shape, bool), backward)
   return masks & valid[:, None]
 
 
@@ -232,7 +259,7 @@ def select_full(costs: jax.Array, budgets: jax.Array, *,
 
 
 def select_top(costs: jax.Array, budgets: jax.Array, *,
-               client_valid: jax.Array | None = None) -> jax.Array:
+               client_valid: jax.Array | None = None, backward=None) -> jax.Array:
   """Layers nearest the output first (K-1, K-2, ...), skipping misfits.
 
   With unit costs: the top ``floor(b_i)`` layers. With unequal costs a layer
@@ -248,11 +275,11 @@ def select_top(costs: jax.Array, budgets: jax.Array, *,
     bool[M, K] within budget.
   """
   order = np.arange(jnp.shape(costs)[0])[::-1]
-  return _fill_clients(order, costs, budgets, client_valid)
+  return _fill_clients(order, costs, budgets, client_valid, backward)
 
 
 def select_bottom(costs: jax.Array, budgets: jax.Array, *,
-                  client_valid: jax.Array | None = None) -> jax.Array:
+                  client_valid: jax.Array | None = None, backward=None) -> jax.Array:
   """Layers nearest the input first (0, 1, ...), skipping misfits.
 
   Args:
@@ -264,11 +291,11 @@ def select_bottom(costs: jax.Array, budgets: jax.Array, *,
     bool[M, K] within budget.
   """
   order = np.arange(jnp.shape(costs)[0])
-  return _fill_clients(order, costs, budgets, client_valid)
+  return _fill_clients(order, costs, budgets, client_valid, backward)
 
 
 def select_both(costs: jax.Array, budgets: jax.Array, *,
-                client_valid: jax.Array | None = None) -> jax.Array:
+                client_valid: jax.Array | None = None, backward=None) -> jax.Array:
   """Alternates from both ends (:func:`both_ends_order`), skipping misfits.
 
   With unit costs and budget b: the top ``ceil(b/2)`` and bottom
@@ -283,12 +310,12 @@ def select_both(costs: jax.Array, budgets: jax.Array, *,
     bool[M, K] within budget.
   """
   return _fill_clients(both_ends_order(jnp.shape(costs)[0]), costs, budgets,
-                       client_valid)
+                       client_valid, backward)
 
 
 def select_random(costs: jax.Array, budgets: jax.Array, key: jax.Array, *,
                   client_ids: jax.Array | None = None,
-                  client_valid: jax.Array | None = None) -> jax.Array:
+                  client_valid: jax.Array | None = None, backward=None) -> jax.Array:
   """Each client walks its own uniformly random layer order, skipping misfits.
 
   With unit costs: a uniformly random ``floor(b_i)``-subset per client. The
@@ -310,11 +337,12 @@ def select_random(costs: jax.Array, budgets: jax.Array, key: jax.Array, *,
     client_ids = jnp.arange(num_clients)
   order = jax.vmap(lambda i: jax.random.permutation(
       jax.random.fold_in(key, i), num_layers))(jnp.asarray(client_ids))
-  return _fill_clients(order, costs, budgets, client_valid)
+  return _fill_clients(order, costs, budgets, client_valid, backward)
 
 
 def select_topk_scores(scores: jax.Array, costs: jax.Array, budgets: jax.Array,
-                       *, client_valid: jax.Array | None = None) -> jax.Array:
+                       *, client_valid: jax.Array | None = None,
+                       backward: jax.Array | None = None) -> jax.Array:
   """Per-client best layers by score alone (P1 with lam = 0).
 
   Equal costs: the ``floor(b_i)`` highest scores (ties to the lower layer).
@@ -331,9 +359,6 @@ def select_topk_scores(scores: jax.Array, costs: jax.Array, budgets: jax.Array,
   Returns:
     bool[M, K] within budget.
   """
-  uniform = knap.costs_uniform_host(costs)
-  scores = sanitize_scores(scores)
-  valid = valid_or_all(client_valid, scores.shape[0])
-  masks = knap.knapsack(scores, jnp.asarray(costs, jnp.float32),
-                        jnp.asarray(budgets, jnp.float32), uniform)
-  return masks & valid[:, None]
+  prob = solver_lib.make_problem(scores, costs, budgets, 0.0, client_valid,
+                                 backward=backward)
+  return prob.respond(prob.scores, prob.budgets) & prob.valid[:, None]

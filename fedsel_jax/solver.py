@@ -146,7 +146,9 @@ def make_problem(scores, costs, budgets, lam, client_valid=None, *, backward=Non
     backward = jnp.asarray(backward, jnp.float32)
   use_jacobi = ((bool(uniform) and backward is None)
                 or num_starts * num_clients * per_client <= JACOBI_MAX_CELLS)
-  return Problem(scores=scores, costs=costs, budgets=jnp.asarray(budgets, jnp.float32),
+  budgets = jnp.asarray(budgets, jnp.float32)
+  budgets = budgets + costs_lib.BUDGET_SLACK * jnp.abs(budgets)
+  return Problem(scores=scores, costs=costs, budgets=budgets,
                  lam=jnp.asarray(lam, jnp.float32), valid=valid,
                  num_valid=jnp.sum(valid, dtype=jnp.int32), backward=backward,
                  uniform=uniform, use_jacobi=use_jacobi)

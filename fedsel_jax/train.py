@@ -91,12 +91,18 @@ class Setup:
     self.budgets = selection.draw_budgets(b.kind, n, seed, value=b.value, low=b.low,
                                           high=b.high, mean=b.mean, std=b.std)
     sizes = masks_lib.group_sizes(self.params, self.index, self.k)
-    self.costs = selection.layer_costs(sel.cost, param_counts=sizes,
-                                       flops=2.0 * sizes.astype(np.float64))
+    # Forward FLOPs per example (fixed, blocks, common): depth-aware budgets and cost logs.
+    self.flops = selection.model_forward_flops(self.spec.module, self.spec.example_input,
+                                               self.spec.groups)
+    self.costs, self.backward = selection.budget_costs(sel.cost, sizes, self.flops)
+    self.run_costs = selection.make_run_costs(
+        self.params, self.index, self.k, self.flops, local_steps=config.fl.local_steps,
+        batch_size=config.fl.batch_size, sel_batches=sel.sel_batches,
+        n_max=self.clients.mask.shape[1])
     if sel.cost == "unit" and b.kind == "fixed" and b.value > self.k:
       raise ConfigError(f"selection.budget.value={b.value} exceeds the {self.k} candidate "
                         f"layers of model {config.model.name!r}")
-    selection.check_budgets(self.budgets, self.costs)
+    selection.check_budgets(self.budgets, self.costs, self.backward)
 
     self.client_opt = make_optimizer(config.client_optim)
     self.server_opt = make_optimizer(config.server_optim)
@@ -113,7 +119,8 @@ class Setup:
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
     self.round_fn = jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
-        self.settings, client_sharding=client_sharding(config)), donate_argnums=0)
+        self.settings, client_sharding=client_sharding(config), backward=self.backward),
+        donate_argnums=0)
     self.evaluate = make_eval_fn(self.spec.module.apply, config.eval_batch_size)
 
   def initial_state(self) -> federated.ServerState:
@@ -417,6 +424,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
       if (t + 1) % config.eval_every == 0 or last:
         ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
       run.rows.append(_row(t, metrics, seconds, names, ev))
+      run.rows[-1].update(selection.round_costs(setup.run_costs, metrics["masks"], rd["valid"],
+                                                metrics["scored"], rd["num_examples"]))
       _record_selection(run, setup, config, rd, metrics)
       bound_lib.append_layer_terms(run.history, t, metrics)
       bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.3f}",
@@ -443,7 +452,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   final = {"strategy": config.selection.strategy, "rounds": num_rounds,
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
-           if run.rows else float("nan")}
+           if run.rows else float("nan"), **selection.cost_totals(run.rows)}
   def write_final(tmp):
     with open(tmp, "w") as f:
       json.dump(final, f, indent=2)
@@ -465,7 +474,8 @@ def _exact_gap(setup: Setup, rd: dict, metrics: dict) -> dict[str, float]:
   valid = rd["valid"]
   scores = np.asarray(selection.normalize_scores(jnp.asarray(metrics["scores"])))[valid]
   lam = float(rd["lam"])
-  exact, info = selection.solve_p1_exact(scores, setup.costs, rd["budgets"][valid], lam)
+  _, info = selection.solve_p1_exact(scores, setup.costs, rd["budgets"][valid], lam,
+                                     backward=setup.backward)
   got = float(selection.p1_objective(jnp.asarray(metrics["masks"])[valid], scores, lam))
   best = float(info["objective"])
   return {"exact_objective": best, "solver_gap": best - got}

@@ -85,6 +85,8 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.dtype": _choice(*DTYPES), "model.width": _int(1), "model.depth": _int(1),
     "model.features": _positive_ints, "model.max_len": _int(4),
     "model.pooling": _choice("mean", "cls"),
+    "model.embeddings": _choice("auto", "fixed", "trained"),  # = models.EMBEDDINGS
+    "model.sub_blocks": _bool,
     "fl.num_rounds": _int(1), "fl.clients_per_round": _int(1), "fl.local_steps": _int(1),
     "fl.batch_size": _int(1), "fl.client_chunk": _int(0), "fl.backprop_cut": _bool,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),

@@ -98,3 +98,36 @@ def test_depth_best_response_enumerates_the_lowest_block():
                key=lambda s: (values * s).sum())
     assert _feasible(got[None], model, budgets)
     assert (values * got).sum() == pytest.approx((values * best).sum(), abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["top", "bottom", "both", "random", "gradnorm",
+                                      "proposed"])
+def test_every_budgeted_strategy_respects_depth_aware_budgets(strategy):
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from fedsel_jax import client as client_lib  # pylint: disable=g-import-not-at-top
+  from fedsel_jax import federated  # pylint: disable=g-import-not-at-top
+  from tests import test_core
+  spec, params, index = test_core.tiny_model()
+  k, m = test_core.K, 5
+  model = costs_lib.depth_costs_from_flops([4.0, 3.0, 2.0, 1.0], 0.5)
+  model = model.scaled(model.cheapest_set)
+  budgets = np.array([1.0, 2.0, 3.5, 6.0, 12.0], np.float32)
+  settings = federated.RoundSettings(strategy=strategy, local_steps=1, batch_size=4,
+                                     diagnostics=False, sel_batches=1)
+  fn = jax.jit(federated.make_round_fn(
+      client_lib.make_loss_fn(spec.module.apply), index, k, optax.sgd(0.1), optax.sgd(1.0),
+      model.weight.astype(np.float32), settings, backward=model.backward.astype(np.float32)))
+  rd = test_core.round_data(test_core.random_clients(m, seed=3), np.arange(m),
+                            budgets=budgets, lam=0.05)
+  state = federated.init_server_state(params, optax.sgd(1.0), m, k)
+  _, metrics = fn(state, rd, jax.random.key(0))
+  masks = np.asarray(metrics["masks"])
+  assert np.all(np.asarray(sel.is_feasible(masks, model.weight, budgets,
+                                           backward=model.backward)))
+  assert masks[-1].any()  # the largest budget trains something
+  # Alone, blocks 0..3 cost 5.8, 3.8, 2.2, 1 (units of the top block alone):
+  # budget 1 affords only the top block, whatever the strategy prefers.
+  np.testing.assert_array_equal(masks[0], [False, False, False, True])
+  if strategy == "bottom":
+    assert masks[3, 0] and not masks[2, 0]
