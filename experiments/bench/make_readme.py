@@ -22,9 +22,10 @@ def _load(r) -> str:
 
 def bench_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
-  out = [f"### `{name}`", "",
-         f"`{rep.get('command', '')}`", "",
-         f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
+  out = [f"### `{name}`", ""]
+  if rep.get("command"):
+    out += [f"`{rep['command']}`", ""]
+  out += [f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
          f"{rep['torch']}; {rep['date']}; load average {_load(rep['load'])} before, "
          f"{_load(rep['load_after'])} after; fp32 matmul peak measured in the run "
          f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; chunk {s['client_chunk']}, "
