@@ -10,9 +10,11 @@ clients, vmapped inside):
 2. :func:`selection_step`: masks ``bool[M, K]`` from a baseline or the P1
    solver;
 3. :func:`train_step`: local training, each chunk's deltas added straight
-   into the aggregation sums (memory does not grow with M); with
-   ``backprop_cut`` clients are sorted by their lowest selected layer and
-   each chunk runs a variant whose backward pass stops below its lowest layer;
+   into the aggregation sums (memory does not grow with M). A client update
+   works on its variant's trainable subtree only (common leaves + candidate
+   groups); with ``backprop_cut`` clients are grouped by mask and each chunk
+   runs the cheapest variant covering its masks, whose backward pass stops
+   below the chunk's lowest layer;
 4. ``aggregate.finalize`` + ``aggregate.server_step``: per-layer masked
    aggregation and the server optimizer;
 5. :func:`diagnostics_step`: the convergence bound's terms at theta^t

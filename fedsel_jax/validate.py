@@ -74,6 +74,13 @@ def _positive_ints(field, value):
     raise ConfigError(f"{field} must be a non-empty tuple of integers >= 1, got {value!r}")
 
 
+def _levels(field, value):
+  # The upper bound K depends on the model: federated.make_round_parts checks it.
+  if not isinstance(value, (tuple, list)) or not all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    raise ConfigError(f"{field} must be a tuple of integers >= 0, got {value!r}")
+
+
 # field -> check; a field absent from a config is skipped (e.g. data.task
 # exists only where the source reads it).
 RULES: dict[str, Callable[[str, Any], None]] = {
@@ -89,6 +96,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.sub_blocks": _bool,
     "fl.num_rounds": _int(1), "fl.clients_per_round": _int(1), "fl.local_steps": _int(1),
     "fl.batch_size": _int(1), "fl.client_chunk": _int(0), "fl.backprop_cut": _bool,
+    "fl.cut_levels": _levels,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),
     "client_optim.name": _choice(*OPTIMIZERS), "server_optim.name": _choice(*OPTIMIZERS),
     "client_optim.lr": _num(0, strict_lo=True), "server_optim.lr": _num(0, strict_lo=True),

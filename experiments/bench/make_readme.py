@@ -22,9 +22,10 @@ def _load(r) -> str:
 
 def bench_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
-  out = [f"### `{name}`", "",
-         f"`{rep.get('command', '')}`", "",
-         f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
+  out = [f"### `{name}`", ""]
+  if rep.get("command"):
+    out += [f"`{rep['command']}`", ""]
+  out += [f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
          f"{rep['torch']}; {rep['date']}; load average {_load(rep['load'])} before, "
          f"{_load(rep['load_after'])} after; fp32 matmul peak measured in the run "
          f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; chunk {s['client_chunk']}, "
@@ -66,6 +67,14 @@ def before_after_table(name: str, rep: dict) -> list[str]:
   return out + [""]
 
 
+def compile_table(name: str, rep: dict) -> list[str]:
+  out = [f"### `{name}` (experiments/bench/compile_time.py)", "",
+         f"load average {_load(rep['load'])} before, {_load(rep['load_after'])} after.", "",
+         "| round | trace + compile s |", "|---|---|"]
+  out += [f"| {r['variant']} | {r['compile_s']:.1f} |" for r in rep["rows"]]
+  return out + [""]
+
+
 def main():
   lines = ["# Round speed", ""]
   notes = os.path.join(HERE, "notes.md")
@@ -75,7 +84,12 @@ def main():
   for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
     rep = json.load(open(path))
     name = os.path.relpath(path, HERE)
-    lines += before_after_table(name, rep) if "rev" in rep else bench_table(name, rep)
+    if "rev" in rep:
+      lines += before_after_table(name, rep)
+    elif rep["rows"] and "variant" in rep["rows"][0]:
+      lines += compile_table(name, rep)
+    else:
+      lines += bench_table(name, rep)
   with open(os.path.join(HERE, "README.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -51,7 +51,7 @@ def build_model(setup) -> Classifier:
   head = torch.nn.Linear(kernel.shape[0], kernel.shape[1])
   with torch.no_grad():
     head.weight.copy_(torch.from_numpy(kernel.T.copy()))
-    head.bias.copy_(torch.from_numpy(np.asarray(setup.params["head"]["classifier"]["bias"])))
+    head.bias.copy_(torch.from_numpy(np.array(setup.params["head"]["classifier"]["bias"])))
   return Classifier(encoder, head)
 
 
