@@ -53,6 +53,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"      # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.pooling = "mean"
   c.model.max_len = 24
+  # LoRA (fedsel_jax/models/lora.py): rank 0 = off. rank > 0 adds adapters
+  # (a random, b zero, scale alpha/rank) to the targeted kernels of every
+  # block; the adapters become the candidate layers and the blocks' own
+  # weights are frozen. Use with selection.strategy='lora' (every client
+  # trains every adapter + the head) or within_selection=True (any strategy
+  # selects among the blocks' adapters).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "attention"      # attention | attention+mlp
+  c.model.lora.within_selection = False
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_rounds = 20

@@ -110,7 +110,7 @@ class Setup:
     self.round_fn = jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
         self.settings, client_sharding=client_sharding(config)), donate_argnums=0)
-    self.evaluate = make_eval_fn(self.spec.module.apply, config.eval_batch_size)
+    self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
   def initial_state(self) -> federated.ServerState:
     # A copy: round_fn donates its state, and Setup may start several runs.

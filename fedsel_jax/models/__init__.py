@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedsel_jax.models import lora
 from fedsel_jax.models.spec import ModelSpec
 
 SMALL = ("mlp", "cnn", "vit")
@@ -11,7 +12,8 @@ MODELS = SMALL + TEXT + VISION
 
 
 def build_model(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
-  """Builds the model named by ``model_cfg.name``.
+  """Builds the model named by ``model_cfg.name``, with LoRA adapters when
+  ``model_cfg.lora.rank > 0`` (fedsel_jax/models/lora.py).
 
   Args:
     model_cfg: ``config.model`` (ml_collections.ConfigDict).
@@ -19,6 +21,12 @@ def build_model(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> Mo
     input_shape: one example's shape without the batch axis (used by the
       small models to make an init batch).
   """
+  spec = _build_base(model_cfg, num_classes, input_shape)
+  settings = lora.settings_from_config(model_cfg.get("lora"))
+  return spec if settings is None else lora.wrap(spec, settings)
+
+
+def _build_base(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
   name = model_cfg.name
   if name in SMALL:
     from fedsel_jax.models import small

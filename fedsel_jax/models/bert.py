@@ -39,6 +39,10 @@ PyTree = Any
 
 _ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 
+# Block kernels LoRA may adapt (fedsel_jax/models/lora.py).
+LORA_TARGETS = {"attention": ("*/query", "*/key", "*/value", "*/attention_output"),
+                "mlp": ("*/intermediate", "*/output")}
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -306,4 +310,4 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
     load = pretrained_loader(lambda params: load_encoder(params, directory, cfg.num_layers))
 
   return ModelSpec(name=name, module=module, groups=bert_groups(cfg.num_layers),
-                   example_input=example, load_pretrained=load)
+                   example_input=example, load_pretrained=load, lora_targets=LORA_TARGETS)

@@ -48,6 +48,10 @@ from fedsel_jax.models.transformer import self_attention
 
 PyTree = Any
 
+# Block kernels LoRA may adapt (fedsel_jax/models/lora.py).
+LORA_TARGETS = {"attention": ("*/q_proj", "*/k_proj", "*/v_proj", "*/out_proj"),
+                "mlp": ("*/fc1", "*/fc2")}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -290,4 +294,4 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
 
   return ModelSpec(name=model_cfg.get("name", "clip_vit"), module=module,
                    groups=clip_groups(cfg.num_layers, bool(cfg.projection_dim)),
-                   example_input=example, load_pretrained=load)
+                   example_input=example, load_pretrained=load, lora_targets=LORA_TARGETS)
