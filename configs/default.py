@@ -46,6 +46,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.min_client_size = 10    # dirichlet: redraw until every client has this many
   c.data.max_examples = 64       # cap per client (0 = no cap); seeded subsample
   c.data.max_test = 600          # cap on test examples (0 = all); seeded subsample
+  # Share of every client's examples held out (seeded) and never trained on:
+  # runs then report the spread of accuracy over the clients' own held-out
+  # rows next to the global test set (fedsel_jax/local_only.py). 0 = none.
+  c.data.client_holdout = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "minilm"
@@ -82,6 +86,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Stop after this many rounds in a row in which every sampled client
   # returned a non-finite loss or update (such rounds change nothing).
   c.fl.max_bad_rounds = 3
+  # Local-only baseline: every client trains alone (its strategy's layers and
+  # budget, num_rounds x local_steps steps), no aggregation; server-free
+  # strategies only (fedsel_jax/local_only.py). compare_strategies entries
+  # 'local:<strategy>' run it next to the federated runs.
+  c.fl.local_only = False
 
   c.client_optim = ml_collections.ConfigDict()
   # Adam with a fresh state every round. The head baseline uses the same
@@ -121,7 +130,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_keep = 2          # checkpoints kept (the newest intact one is resumed)
   c.diagnostics = True
   c.diagnostics_every = 5        # E1/E2 cost one more gradient pass per client
-  c.compare_strategies = ("head",)  # extra runs (same everything else) for the final table
+  # Extra runs (same everything else) for the final table: a strategy name,
+  # 'local:<strategy>' (the local-only baseline) or 'probe' (a logistic
+  # regression fitted centrally on the frozen encoder's features, fedsel_jax/probe.py).
+  c.compare_strategies = ("head",)
 
   if arg == "smoke":
     c.data.max_roles = 12

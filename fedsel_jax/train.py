@@ -24,6 +24,7 @@ from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
 from fedsel_jax import errors
 from fedsel_jax import federated
+from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
 from fedsel_jax import models
 from fedsel_jax import selection
@@ -61,6 +62,10 @@ class Setup:
     seed = config.seed
     parts = data_lib.partition(ds, config.data.partition, config.data.num_clients, seed,
                                alpha=config.data.alpha, min_size=config.data.min_client_size)
+    self.holdout = None   # per-client held-out rows (data.client_holdout)
+    if config.data.client_holdout:
+      parts, held = local_only.split_parts(parts, config.data.client_holdout, seed)
+      self.holdout = local_only.pad_holdout(ds.train_x, ds.train_y, held, parts)
     self.clients = data_lib.pad_clients(ds.train_x, ds.train_y, parts,
                                         config.data.get("max_examples", 0), seed)
     n = self.clients.num_clients
@@ -345,6 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = lock or claim_workdir(config, workdir, restart=restart, quiet=quiet)
   try:
     setup = setup or Setup(config)
+    if config.fl.local_only:
+      return local_only.train_and_evaluate(setup, lock.workdir, quiet=quiet)
     return _train(config, lock.workdir, setup, quiet)
   finally:
     lock.release()
@@ -402,6 +409,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
            if run.rows else float("nan")}
+  if setup.holdout is not None:
+    final["client_holdout_accuracy"] = local_only.federated_holdout(setup, state.params)
   def write_final(tmp):
     with open(tmp, "w") as f:
       json.dump(final, f, indent=2)
