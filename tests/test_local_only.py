@@ -107,3 +107,28 @@ def test_local_only_needs_a_server_free_strategy(data_dir):
                                                     "selection.strategy": "proposed"}))
   with pytest.raises(train.ConfigError, match="data.client_holdout"):
     train.validate_config(smoke_config(data_dir, **{"data.client_holdout": 1.0}))
+
+
+def test_one_command_gives_federated_local_and_probe_rows(data_dir, tmp_path):
+  from fedsel_jax import main
+  config = smoke_config(data_dir, **{"selection.strategy": "top", "fl.num_rounds": 1,
+                                     "data.client_holdout": 0.25})
+  config.compare_strategies = ("head", "local:top", "probe")
+  results = main.run(config, str(tmp_path))
+  assert [r["strategy"] for r in results] == ["top", "head", "local_top", "probe"]
+  for r in results:
+    assert 0 <= r["test_accuracy"] <= 1
+    assert 0 <= r["client_holdout_accuracy"]["mean"] <= 1
+  assert os.path.exists(tmp_path / "compare" / "local_top" / "clients.csv")
+  assert results[-1]["num_train"] == int(train.Setup(config).clients.num_examples.sum())
+
+
+def test_probe_features_are_the_head_input(setup):
+  from fedsel_jax import probe
+  fn = probe.make_features_fn(setup.spec.module.apply)
+  x = setup.test_x[:5]
+  feats = np.asarray(fn(setup.params, x))
+  head = setup.params["head"]
+  logits = setup.spec.module.apply({"params": setup.params}, x)
+  np.testing.assert_allclose(feats @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+                             logits, rtol=1e-5, atol=1e-5)
