@@ -256,3 +256,32 @@ def test_cli_bad_lora_is_one_line_exit_2(data_dir, tmp_path, override, needle):
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
   assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_lora_round_with_backprop_cut_equals_the_uncut_round():
+  from fedsel_jax import federated
+  from tests.test_core import random_clients, round_data
+  fields = dict(name="mlp", width=8, depth=4, lora=lora_cfg(rank=2))
+  spec = build_model(ml_collections.ConfigDict(fields), 3, (6,))
+  params = spec.module.init(jax.random.key(0), spec.example_input)["params"]
+  params = randomize_b(params)   # b != 0: gradients reach a as well
+  index = masks_lib.group_index(params, spec.groups)
+  rd = round_data(random_clients(4), [0, 1, 2, 3], [2, 1, 2, 1])
+
+  def run(cut):
+    settings = federated.RoundSettings(strategy="top", local_steps=2, batch_size=4,
+                                       backprop_cut=cut, diagnostics=False)
+    fn = jax.jit(federated.make_round_fn(client_lib.make_loss_fn(spec.module.apply), index,
+                                         4, optax.sgd(0.1), optax.sgd(1.0),
+                                         np.ones(4, np.float32), settings))
+    state = federated.init_server_state(params, optax.sgd(1.0), 4, 4)
+    return fn(state, rd, jax.random.key(1))[0].params
+
+  cut, uncut = run(True), run(False)
+  for a, b, p in zip(jax.tree_util.tree_leaves(cut), jax.tree_util.tree_leaves(uncut),
+                     jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Only the top adapters (budget 1-2 of 4) and the head moved; blocks 0-1 did not.
+  np.testing.assert_array_equal(cut["lora"]["block_0"]["b"], params["lora"]["block_0"]["b"])
+  assert not np.array_equal(cut["lora"]["block_3"]["b"], params["lora"]["block_3"]["b"])
+  np.testing.assert_array_equal(cut["block_3"]["kernel"], params["block_3"]["kernel"])
