@@ -285,3 +285,13 @@ def test_lora_round_with_backprop_cut_equals_the_uncut_round():
   np.testing.assert_array_equal(cut["lora"]["block_0"]["b"], params["lora"]["block_0"]["b"])
   assert not np.array_equal(cut["lora"]["block_3"]["b"], params["lora"]["block_3"]["b"])
   np.testing.assert_array_equal(cut["block_3"]["kernel"], params["block_3"]["kernel"])
+
+
+def test_compare_rows_of_a_lora_run_use_the_plain_model():
+  from fedsel_jax import main
+  c = default_config.get_config()
+  c.selection.strategy, c.model.lora.rank = "lora", 4
+  c.compare_strategies = ("head", "local:top", "probe")
+  rows = main.strategy_configs(c)   # validates every row
+  assert [r.model.lora.rank for r in rows] == [4, 0, 0, 4]   # probe: the main run's model
+  assert rows[2].fl.local_only and rows[2].selection.strategy == "top"
