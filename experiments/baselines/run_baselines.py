@@ -53,6 +53,10 @@ ROWS = {
     "lora_r16": {"selection.strategy": "lora", "model.lora.rank": 16},
     "proposed_in_lora_r16": {"selection.strategy": "proposed", "model.lora.rank": 16,
                              "model.lora.within_selection": True},
+    # Rank 4 at scale alpha / r = 1, as rank 16 has with the default alpha = 16
+    # (which gives rank 4 a scale of 4).
+    "lora_r4_alpha4": {"selection.strategy": "lora", "model.lora.rank": 4,
+                       "model.lora.alpha": 4.0},
     "local_top": {"selection.strategy": "top", "fl.local_only": True},
     "local_full": {"selection.strategy": "full", "fl.local_only": True},
     "head": {"selection.strategy": "head"},
@@ -181,11 +185,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/digits.py")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+  parser.add_argument("--rows", nargs="+", default=[r for r in ROWS if "alpha" not in r],
+                      choices=list(ROWS))
   parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                       help="config overrides for every row (JSON values)")
   parser.add_argument("--out", default="experiments/baselines/digits")
   parser.add_argument("--runs", default="runs/baselines")
+  parser.add_argument("--append", action="store_true",
+                      help="add rows/seeds to an existing results.json (same --set)")
   args = parser.parse_args()
   config = load_config(args.config)
   config.unlock()
@@ -198,17 +205,26 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   results_path = os.path.join(args.out, "results.json")
   results = []
+  if args.append and os.path.exists(results_path):
+    with open(results_path) as f:
+      previous = json.load(f)
+    results = previous["results"]
+    if previous["set"] != args.set:
+      raise SystemExit(f"--append needs the same --set as {results_path}: {previous['set']}")
   for seed in args.seeds:
     for row in args.rows:
+      if any(r["row"] == row and r["seed"] == seed for r in results):
+        continue
       final = run_row(config, row, seed, os.path.join(args.runs, f"{row}_seed{seed}"))
       results.append(final)
       print(f"{row} seed {seed}: test {final['test_accuracy']:.4f} held-out "
             f"{final['client_holdout_accuracy']['mean']:.4f} ({final['wall_seconds']} s)",
             flush=True)
       with open(results_path, "w") as f:
-        json.dump({"config": args.config, "set": args.set, "seeds": args.seeds,
-                   "results": results}, f, indent=1)
-  table = summarize(results, args.rows)
+        json.dump({"config": args.config, "set": args.set,
+                   "seeds": sorted({r["seed"] for r in results}), "results": results},
+                  f, indent=1)
+  table = summarize(results, list(dict.fromkeys([r["row"] for r in results])))
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   print(table)
