@@ -295,3 +295,21 @@ def test_compare_rows_of_a_lora_run_use_the_plain_model():
   rows = main.strategy_configs(c)   # validates every row
   assert [r.model.lora.rank for r in rows] == [4, 0, 0, 4]   # probe: the main run's model
   assert rows[2].fl.local_only and rows[2].selection.strategy == "top"
+
+
+def test_pretrained_loading_keeps_the_adapters():
+  import pathlib
+  fixture = str(pathlib.Path(__file__).parent / "fixtures" / "tiny_roberta")
+  fields = dict(name="roberta", pretrained=fixture, max_len=12)
+  base = build_model(ml_collections.ConfigDict(fields), 3, ())
+  spec = build_model(ml_collections.ConfigDict(dict(fields, lora=lora_cfg(rank=2))), 3, ())
+  params = randomize_b(spec.module.init(jax.random.key(0), spec.example_input)["params"])
+  loaded = spec.load_pretrained(params)
+  want = base.load_pretrained(lora.split_params(params)[0])
+  for a, b in zip(jax.tree_util.tree_leaves(lora.split_params(loaded)[0]),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded["lora"]),
+                  jax.tree_util.tree_leaves(params["lora"])):
+    np.testing.assert_array_equal(a, b)
+  assert set(spec.load_pretrained({"params": params})) == {"params"}

@@ -23,7 +23,9 @@ class ModelSpec:
       ``x`` is float32 images ``[B, H, W, C]`` / features ``[B, D]`` or int32
       token ids ``[B, T]`` padded with the model's ``pad_token_id`` (0 for
       BERT/MiniLM, 1 for RoBERTa/XLM-R); attention masks derive from it.
-      Training randomness (dropout) uses the ``'dropout'`` rng.
+      Training randomness (dropout) uses the ``'dropout'`` rng. With LoRA
+      this is a :class:`fedsel_jax.models.lora.LoraModule` with the same
+      ``init`` / ``apply`` (the adapter forward).
     groups: fixed / common / candidate parameter groups.
     example_input: a small batch (numpy) of the input kind for ``init``.
     load_pretrained: optional ``params -> params`` that overwrites the freshly
