@@ -102,7 +102,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "eval_every": _int(1), "eval_batch_size": _int(1), "checkpoint_every": _int(1),
     "checkpoint_keep": _int(1), "diagnostics": _bool, "diagnostics_every": _int(1),
     # LoRA (fedsel_jax/models/lora.py) and the local-only baseline (local_only.py).
-    "model.lora.rank": _int(0), "model.lora.alpha": _num(0, strict_lo=True),
+    "model.lora.alpha": _num(0, strict_lo=True),   # rank: lora.config_error
     "model.lora.targets": _choice("attention", "attention+mlp"),
     "model.lora.within_selection": _bool, "fl.local_only": _bool,
     "data.client_holdout": _num(0, 1, strict_hi=True),

@@ -228,9 +228,11 @@ def test_lora_runs_end_to_end_and_checkpoints_adapters(data_dir, tmp_path, strat
   assert setup.spec.groups.names == ("block_0_lora", "block_1_lora", "block_2_lora")
   final = train.train_and_evaluate(config, str(tmp_path), setup=setup, quiet=True)
   assert np.isfinite(final["test_loss"])
-  mngr = train._checkpointer(str(tmp_path))
+  from fedsel_jax import checkpoints
+  ckpts = checkpoints.RunCheckpoints(str(tmp_path), keep=2)
   abstract = jax.tree_util.tree_map(train.ocp.utils.to_shape_dtype_struct, setup.initial_state())
-  state = mngr.restore(mngr.latest_step(), args=train.ocp.args.StandardRestore(abstract))
+  _, state, _, _ = ckpts.restore_latest(abstract)
+  ckpts.close()
   start = setup.params
   # The checkpoint holds the adapters; base weights never moved; eval = merged weights.
   assert np.any(np.asarray(state.params["lora"]["block_0"]["b"]))
