@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from configs import load_config  # noqa: E402
+from fedsel_jax import errors  # noqa: E402
 from fedsel_jax import federated  # noqa: E402
 from fedsel_jax import local_only  # noqa: E402
 from fedsel_jax import masks as masks_lib  # noqa: E402
@@ -147,7 +148,14 @@ def run_row(base_config, row: str, seed: int, workdir: str) -> dict:
     final.update(trained_params=float(common), bytes_up=0.0, bytes_down=0.0,
                  train_flops=float(2.0 * total * final["num_train"]))  # one forward pass
   else:
-    final = train.train_and_evaluate(c, workdir, setup=setup, quiet=True)
+    try:
+      final = train.train_and_evaluate(c, workdir, setup=setup, quiet=True)
+    except errors.DivergedError as e:   # main's guard stops a diverged run: a NaN row
+      nan = float("nan")
+      spread = {"mean": nan, "std": nan, "min": nan, "max": nan}
+      return dict(row=row, seed=seed, strategy=c.selection.strategy, test_accuracy=nan,
+                  client_holdout_accuracy=spread, trained_params=nan, bytes_up=nan,
+                  bytes_down=nan, train_flops=nan, diverged=str(e))
     local = c.fl.local_only
     if local:   # every client, every round, its static mask
       masks = np.asarray(local_only.local_masks(setup, np.arange(setup.clients.num_clients)))
