@@ -32,6 +32,9 @@ def get_config(arg: str = ""):
   c.data.min_client_size = 20
   c.model.name = "clip_vit"
   c.model.variant = "B/32"
+  # The head reads CLIP's image embedding (ln_post + visual_projection, both
+  # common layers as SPEC.md says); False = the post-LN class token.
+  c.model.use_projection = True
   c.model.pretrained = "~/models/clip-vit-base-patch32"
   c.fl.clients_per_round = 20
   c.fl.client_chunk = 10

@@ -46,6 +46,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.min_client_size = 10    # dirichlet: redraw until every client has this many
   c.data.max_examples = 64       # cap per client (0 = no cap); seeded subsample
   c.data.max_test = 600          # cap on test examples (0 = all); seeded subsample
+  # Share of every client's examples held out (seeded) and never trained on:
+  # runs then report the spread of accuracy over the clients' own held-out
+  # rows next to the global test set (fedsel_jax/local_only.py). 0 = none.
+  c.data.client_holdout = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "minilm"
@@ -57,6 +61,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # client when from scratch (then `full` is FedAvg) | fixed | trained.
   c.model.embeddings = "auto"
   c.model.sub_blocks = False     # attention and MLP of each block as separate candidates
+  # LoRA (fedsel_jax/models/lora.py): rank 0 = off. rank > 0 adds adapters
+  # (a random, b zero, scale alpha/rank) to the targeted kernels of every
+  # block; the adapters become the candidate layers and the blocks' own
+  # weights are frozen. Use with selection.strategy='lora' (every client
+  # trains every adapter + the head) or within_selection=True (any strategy
+  # selects among the blocks' adapters).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "attention"      # attention | attention+mlp
+  c.model.lora.within_selection = False
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_rounds = 20
@@ -75,6 +90,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Stop after this many rounds in a row in which every sampled client
   # returned a non-finite loss or update (such rounds change nothing).
   c.fl.max_bad_rounds = 3
+  # Local-only baseline: every client trains alone (its strategy's layers and
+  # budget, num_rounds x local_steps steps), no aggregation; server-free
+  # strategies only (fedsel_jax/local_only.py). compare_strategies entries
+  # 'local:<strategy>' run it next to the federated runs.
+  c.fl.local_only = False
 
   c.client_optim = ml_collections.ConfigDict()
   # Adam with a fresh state every round. The head baseline uses the same
@@ -128,7 +148,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Hessian power iterations for the smoothness estimate L (0 = no L, no O(eta)
   # term); each costs about two gradient passes.
   c.diagnostics.power_iters = 0
-  c.compare_strategies = ("head",)  # extra runs (same everything else) for the final table
+  # Extra runs (same everything else) for the final table: a strategy name,
+  # 'local:<strategy>' (the local-only baseline) or 'probe' (a logistic
+  # regression fitted centrally on the frozen encoder's features, fedsel_jax/probe.py).
+  c.compare_strategies = ("head",)
 
   if arg == "smoke":
     c.data.max_roles = 12

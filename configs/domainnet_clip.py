@@ -25,6 +25,9 @@ def get_config(arg: str = ""):
   c.data.num_clients = 30
   c.model.name = "clip_vit"
   c.model.variant = "B/32"
+  # The head reads CLIP's image embedding (ln_post + visual_projection, both
+  # common layers as SPEC.md says); False = the post-LN class token.
+  c.model.use_projection = True
   c.model.pretrained = "~/models/clip-vit-base-patch32"
   c.fl.clients_per_round = 10
   c.fl.client_chunk = 10

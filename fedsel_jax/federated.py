@@ -53,6 +53,8 @@ STRATEGIES: dict[str, tuple[str | None, bool]] = {
     "bottom": (None, False), "both": (None, False), "random": (None, False),
     "gradnorm": ("gradnorm", False), "rgn": ("rgn", False), "snr": ("snr", False),
     "proposed": ("gradnorm", True), "rgn_p1": ("rgn", True), "snr_p1": ("snr", True),
+    # FL-LoRA: every adapter group for every client (needs model.lora.rank >= 1).
+    "lora": (None, False),
 }
 
 
@@ -202,7 +204,7 @@ def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.A
   if name == "random":
     return selection.select_random(costs, budgets, key, client_ids=client_ids,
                                    client_valid=valid, backward=backward)
-  if name == "full":
+  if name in ("full", "lora"):   # lora: the candidates are the adapter groups (models/lora.py)
     return selection.select_full(costs, budgets, client_valid=valid)
   if name in ("top", "bottom", "both"):
     return getattr(selection, f"select_{name}")(costs, budgets, client_valid=valid,

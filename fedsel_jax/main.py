@@ -43,45 +43,72 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
   from fedsel_jax import plots
   from fedsel_jax import train
 
+  from fedsel_jax import probe
+
+  entries = table_entries(config)
   configs = strategy_configs(config)
   for c in configs:
     datasets.check_available(c.data)
-  subs = [workdir if i == 0 else os.path.join(workdir, "compare", c.selection.strategy)
-          for i, c in enumerate(configs)]
+  subs = [workdir if i == 0 else os.path.join(workdir, "compare", e.replace(":", "_"))
+          for i, e in enumerate(entries)]
   locks = []
   try:
     for c, sub in zip(configs, subs):
       locks.append(train.claim_workdir(c, sub, restart=restart and not locks, quiet=quiet))
     results = []
-    for c, sub, lock in zip(configs, subs, locks):
+    for e, c, sub, lock in zip(entries, configs, subs, locks):
       if not quiet:
-        print(f"== {c.selection.strategy}: {sub}", flush=True)
+        print(f"== {e}: {sub}", flush=True)
       setup = make_setup(c)
-      results.append(dict(train.train_and_evaluate(c, sub, setup=setup, quiet=quiet, lock=lock),
-                          workdir=sub))
+      if e == "probe":
+        final = probe.train_and_evaluate(setup, sub, quiet=quiet)
+      else:
+        final = train.train_and_evaluate(c, sub, setup=setup, quiet=quiet, lock=lock)
+      results.append(dict(final, workdir=sub))
   finally:
     for lock in locks:
       lock.release()
   if not quiet:
     print(plots.results_table(results), flush=True)
-  plots.write_run_plots(workdir, [r["workdir"] for r in results],
-                        [r["strategy"] for r in results])
+  curves = [r for r in results   # local-only and probe rows have no per-round metrics
+            if os.path.exists(os.path.join(r["workdir"], "metrics.csv"))]
+  if curves:
+    plots.write_run_plots(workdir, [r["workdir"] for r in curves],
+                          [r["strategy"] for r in curves])
   return results
+
+
+def table_entries(config) -> list[str]:
+  """The main strategy, then each compare_strategies entry not equal to it."""
+  return [config.selection.strategy] + [
+      s for s in config.compare_strategies if s != config.selection.strategy]
 
 
 def strategy_configs(config) -> list:
   """The validated config of the main run and of each compared strategy."""
   from fedsel_jax import train
-  strategies = [config.selection.strategy] + [
-      s for s in config.compare_strategies if s != config.selection.strategy]
   configs = []
-  for s in strategies:
+  for entry in table_entries(config):
     c = config.copy_and_resolve_references()
     with c.unlocked():
-      c.selection.strategy = s
+      _set_entry(c, entry)
     train.validate_config(c)
     configs.append(c)
   return configs
+
+
+def _set_entry(c, entry: str) -> None:
+  """One table row's config: a strategy, 'local:<strategy>' (the local-only
+  baseline) or 'probe' (fedsel_jax/probe.py, on the main run's model and
+  data). A row that uses no adapters (a strategy other than 'lora' without
+  model.lora.within_selection) runs the plain model: the LoRA settings of a
+  'lora' run do not leak into it."""
+  if entry.startswith("local:"):
+    c.fl.local_only, c.selection.strategy = True, entry[len("local:"):]
+  elif entry != "probe":
+    c.selection.strategy = entry
+  if c.selection.strategy != "lora" and not c.model.lora.within_selection:
+    c.model.lora.rank = 0
 
 
 def make_setup(config):

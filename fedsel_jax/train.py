@@ -25,6 +25,7 @@ from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
 from fedsel_jax import errors
 from fedsel_jax import federated
+from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
 from fedsel_jax import models
 from fedsel_jax import selection
@@ -62,6 +63,10 @@ class Setup:
     seed = config.seed
     parts = data_lib.partition(ds, config.data.partition, config.data.num_clients, seed,
                                alpha=config.data.alpha, min_size=config.data.min_client_size)
+    self.holdout = None   # per-client held-out rows (data.client_holdout)
+    if config.data.client_holdout:
+      parts, held = local_only.split_parts(parts, config.data.client_holdout, seed)
+      self.holdout = local_only.pad_holdout(ds.train_x, ds.train_y, held, parts)
     self.clients = data_lib.pad_clients(ds.train_x, ds.train_y, parts,
                                         config.data.get("max_examples", 0), seed)
     n = self.clients.num_clients
@@ -121,7 +126,7 @@ class Setup:
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
         self.settings, client_sharding=client_sharding(config), backward=self.backward),
         donate_argnums=0)
-    self.evaluate = make_eval_fn(self.spec.module.apply, config.eval_batch_size)
+    self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
   def initial_state(self) -> federated.ServerState:
     # A copy: round_fn donates its state, and Setup may start several runs.
@@ -392,6 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = lock or claim_workdir(config, workdir, restart=restart, quiet=quiet)
   try:
     setup = setup or Setup(config)
+    if config.fl.local_only:
+      return local_only.train_and_evaluate(setup, lock.workdir, quiet=quiet)
     return _train(config, lock.workdir, setup, quiet)
   finally:
     lock.release()
@@ -453,6 +460,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
            if run.rows else float("nan"), **selection.cost_totals(run.rows)}
+  if setup.holdout is not None:
+    final["client_holdout_accuracy"] = local_only.federated_holdout(setup, state.params)
   def write_final(tmp):
     with open(tmp, "w") as f:
       json.dump(final, f, indent=2)

@@ -117,6 +117,11 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "diagnostics.batches": _int(1),
     "diagnostics.population": _bool, "diagnostics.population_max_mb": _num(0, strict_lo=True),
     "diagnostics.power_iters": _int(0),
+    # LoRA (fedsel_jax/models/lora.py) and the local-only baseline (local_only.py).
+    "model.lora.alpha": _num(0, strict_lo=True),   # rank: lora.config_error
+    "model.lora.targets": _choice("attention", "attention+mlp"),
+    "model.lora.within_selection": _bool, "fl.local_only": _bool,
+    "data.client_holdout": _num(0, 1, strict_hi=True),
 }
 
 
@@ -170,8 +175,9 @@ def _check_names(config) -> None:
   _choice(*data_lib.PARTITIONS)("data.partition", config.data.partition)
   from fedsel_jax import diagnostics
   _choice(*diagnostics.ESTIMATORS)("diagnostics.estimator", config.diagnostics.estimator)
-  for i, s in enumerate(config.compare_strategies):
-    _choice(*federated.STRATEGIES)(f"compare_strategies[{i}]", s)
+  for i, s in enumerate(config.compare_strategies):   # also 'probe', 'local:<strategy>'
+    if s != "probe":
+      _choice(*federated.STRATEGIES)(f"compare_strategies[{i}]", s.removeprefix("local:"))
 
 
 def _check_cross_fields(config) -> None:
@@ -190,6 +196,20 @@ def _check_cross_fields(config) -> None:
   b = sel.budget
   if b.kind in ("uniform", "truncnorm") and b.low > b.high:
     raise ConfigError(f"selection.budget.low={b.low} must be <= selection.budget.high={b.high}")
+  _check_baselines(config)
+
+
+def _check_baselines(config) -> None:
+  """LoRA needs its strategy (or within_selection) and a rank; local-only a
+  server-free strategy."""
+  from fedsel_jax import local_only
+  from fedsel_jax.models import lora
+  problem = lora.config_error(config)
+  if problem:
+    raise ConfigError(problem)
+  if config.fl.local_only:
+    _choice(*local_only.LOCAL_STRATEGIES)("selection.strategy (with fl.local_only)",
+                                          config.selection.strategy)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

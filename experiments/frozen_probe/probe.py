@@ -2,6 +2,11 @@
 
     python experiments/frozen_probe/probe.py --config configs/default.py
 
+This script fits on ALL training examples of the dataset (13,131 lines for the
+flagship), the strongest form. The same probe as a row of any run's results
+table, fitted on the clients' training rows (what the federated runs see), is
+``--config.compare_strategies='("head", "probe")'`` (fedsel_jax/probe.py).
+
 The ``head`` strategy trains only the classifier (a linear layer on the
 mean-pooled features) on top of the frozen pretrained encoder, federated. Its
 central counterpart is a logistic regression fitted on the pooled features of
@@ -24,27 +29,19 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from configs import load_config  # noqa: E402
+from fedsel_jax import probe as probe_lib  # noqa: E402
 from fedsel_jax import train  # noqa: E402
-
-C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def pooled_features(setup: train.Setup, x: np.ndarray, batch: int = 256) -> np.ndarray:
-  """The encoder's pooled features (the head's input) at the pretrained weights."""
-  module = setup.spec.module
-  fn = jax.jit(lambda p, xb: module.apply({"params": p}, xb, method="features"))
-  pad = (-len(x)) % batch
-  xp = np.concatenate([x, x[:pad]]) if pad else x
-  out = [np.asarray(fn(setup.params, xp[s:s + batch]), np.float64)
-         for s in range(0, len(xp), batch)]
-  return np.concatenate(out)[:len(x)]
+  """The head's input features at the pretrained weights (fedsel_jax.probe)."""
+  return probe_lib.batched(probe_lib.make_features_fn(setup.spec.apply_for_eval),
+                           setup.params, x, batch)
 
 
 def main() -> None:
@@ -62,17 +59,9 @@ def main() -> None:
   print(f"features: train {x_tr.shape}, test {x_te.shape}, demo test {x_demo.shape} "
         f"({time.time() - start:.0f} s)", flush=True)
 
-  rng = np.random.default_rng(setup.config.seed)
-  held = rng.permutation(len(y_tr))
-  n_val = len(y_tr) // 10
-  val, fit = held[:n_val], held[n_val:]
-  val_acc = {}
-  for c in C_GRID:
-    probe = LogisticRegression(C=c, max_iter=3000).fit(x_tr[fit], y_tr[fit])
-    val_acc[c] = float(probe.score(x_tr[val], y_tr[val]))
-    print(f"C={c:g}: held-out accuracy {val_acc[c]:.4f}", flush=True)
-  best = max(C_GRID, key=lambda c: val_acc[c])
-  probe = LogisticRegression(C=best, max_iter=3000).fit(x_tr, y_tr)
+  probe, val_acc, best = probe_lib.fit_probe(x_tr, y_tr, setup.config.seed)
+  for c, acc in val_acc.items():
+    print(f"C={c:g}: held-out accuracy {acc:.4f}", flush=True)
   majority = int(np.bincount(y_tr).argmax())
   results = {
       "config": args.config, "dataset": ds.name, "num_train": int(len(y_tr)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedsel_jax import masks as masks_lib
+from fedsel_jax.models import lora
 from fedsel_jax.models.spec import ModelSpec
 
 SMALL = ("mlp", "cnn", "vit")
@@ -25,7 +26,8 @@ SUB_BLOCKS = {
 
 
 def build_model(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
-  """Builds the model named by ``model_cfg.name``.
+  """Builds the model named by ``model_cfg.name``, with LoRA adapters when
+  ``model_cfg.lora.rank > 0`` (fedsel_jax/models/lora.py).
 
   Args:
     model_cfg: ``config.model`` (ml_collections.ConfigDict).
@@ -33,8 +35,10 @@ def build_model(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> Mo
     input_shape: one example's shape without the batch axis (used by the
       small models to make an init batch).
   """
-  spec = _build(model_cfg, num_classes, input_shape)
-  return dataclasses.replace(spec, groups=configure_groups(spec.groups, model_cfg))
+  spec = _build_base(model_cfg, num_classes, input_shape)
+  spec = dataclasses.replace(spec, groups=configure_groups(spec.groups, model_cfg))
+  settings = lora.settings_from_config(model_cfg.get("lora"))
+  return spec if settings is None else lora.wrap(spec, settings)
 
 
 def configure_groups(groups: masks_lib.LayerGroups, model_cfg) -> masks_lib.LayerGroups:
@@ -62,7 +66,7 @@ def configure_groups(groups: masks_lib.LayerGroups, model_cfg) -> masks_lib.Laye
   return groups
 
 
-def _build(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
+def _build_base(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
   name = model_cfg.name
   if name in SMALL:
     from fedsel_jax.models import small

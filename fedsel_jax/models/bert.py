@@ -27,10 +27,21 @@ import numpy as np
 from fedsel_jax import weights
 from fedsel_jax.masks import LayerGroups
 from fedsel_jax.models.spec import ModelSpec
+from fedsel_jax.models.transformer import ClassifierHead
+from fedsel_jax.models.transformer import activation
+from fedsel_jax.models.transformer import compute_dtype
+from fedsel_jax.models.transformer import dense
+from fedsel_jax.models.transformer import layer_norm
+from fedsel_jax.models.transformer import pretrained_loader
+from fedsel_jax.models.transformer import self_attention
 
 PyTree = Any
 
 _ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+# Block kernels LoRA may adapt (fedsel_jax/models/lora.py).
+LORA_TARGETS = {"attention": ("*/query", "*/key", "*/value", "*/attention_output"),
+                "mlp": ("*/intermediate", "*/output")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,30 +86,6 @@ PRESETS: dict[str, BertConfig] = {
                        type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
                        position_style="roberta"),
 }
-
-
-def _activation(name: str):
-  acts = {
-      "gelu": lambda x: nn.gelu(x, approximate=False),
-      "gelu_new": lambda x: nn.gelu(x, approximate=True),
-      "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-      "relu": nn.relu,
-  }
-  if name not in acts:
-    raise ValueError(f"unsupported hidden_act {name!r}; known: {sorted(acts)}")
-  return acts[name]
-
-
-def layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
-  """LayerNorm with PyTorch's two-pass variance (the fast form loses digits)."""
-  return nn.LayerNorm(eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                      name=name)
-
-
-def dense(features: int, dtype, param_dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  """Dense with BERT/CLIP's N(0, 0.02) kernel init; kernel = HF weight.T."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=nn.initializers.normal(0.02), name=name)
 
 
 def position_ids(ids: jax.Array, cfg: BertConfig) -> jax.Array:
@@ -155,37 +142,17 @@ class BertLayer(nn.Module):
       dtype[B, T, H].
     """
     cfg = self.cfg
-    b, t, d = h.shape
-    heads = cfg.num_heads
+    d = h.shape[-1]
     linear = lambda n, name: dense(n, self.dtype, self.param_dtype, name)
     drop = lambda x: nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     norm = lambda x, name: layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name)(x)
 
-    split = lambda x: x.reshape(b, t, heads, d // heads)
-    q, k, v = (split(linear(d, n)(h)) for n in ("query", "key", "value"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    logits = logits / np.sqrt(d // heads).astype(np.float32)
-    logits = jnp.where(keep[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = drop(jax.nn.softmax(logits, axis=-1).astype(self.dtype))
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+    q, k, v = (linear(d, n)(h) for n in ("query", "key", "value"))
+    ctx = self_attention(q, k, v, cfg.num_heads, keep=keep, dropout=drop)
     h = norm(h + drop(linear(d, "attention_output")(ctx)), "attention_norm")
 
-    ffn = _activation(cfg.hidden_act)(linear(cfg.intermediate_size, "intermediate")(h))
+    ffn = activation(cfg.hidden_act)(linear(cfg.intermediate_size, "intermediate")(h))
     return norm(h + drop(linear(d, "output")(ffn)), "output_norm")
-
-
-class ClassifierHead(nn.Module):
-  """Dropout + Dense(num_classes), computed in float32."""
-
-  num_classes: int
-  dropout_rate: float = 0.0
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, features: jax.Array, train: bool) -> jax.Array:
-    """features: [B, D] -> f32[B, num_classes]."""
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(features.astype(jnp.float32))
-    return dense(self.num_classes, jnp.float32, self.param_dtype, "classifier")(x)
 
 
 class BertClassifier(nn.Module):
@@ -293,12 +260,6 @@ def load_encoder(params: PyTree, directory, num_layers: int) -> PyTree:
       ignored=(prefix + "embeddings.position_ids", prefix + "embeddings.token_type_ids"))
 
 
-def _dtype(name: str):
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
-  return jnp.dtype(name)
-
-
 def build(model_cfg, num_classes: int) -> ModelSpec:
   """ModelSpec of a BERT-family classifier from ``config.model``.
 
@@ -337,7 +298,7 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
   module = BertClassifier(
       cfg=cfg, num_classes=num_classes, pooling=model_cfg.get("pooling", "mean"),
       dropout_rate=float(model_cfg.get("dropout_rate", 0.0)),
-      dtype=_dtype(model_cfg.get("dtype", "float32")), param_dtype=jnp.float32)
+      dtype=compute_dtype(model_cfg.get("dtype", "float32")), param_dtype=jnp.float32)
 
   # Two rows of non-pad tokens, the second half-padded, within any vocabulary.
   example = np.arange(2 * max_len, dtype=np.int32).reshape(2, max_len)
@@ -346,10 +307,7 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
 
   load = None
   if directory is not None:
-    def load(params):
-      if set(params) == {"params"}:  # tolerate the full variables dict
-        return {"params": load_encoder(params["params"], directory, cfg.num_layers)}
-      return load_encoder(params, directory, cfg.num_layers)
+    load = pretrained_loader(lambda params: load_encoder(params, directory, cfg.num_layers))
 
   return ModelSpec(name=name, module=module, groups=bert_groups(cfg.num_layers),
-                   example_input=example, load_pretrained=load)
+                   example_input=example, load_pretrained=load, lora_targets=LORA_TARGETS)

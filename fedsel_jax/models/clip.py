@@ -12,6 +12,14 @@ Parameter tree (without the outer ``'params'`` key)::
   layer_0 ... layer_{L-1}/  one block each                         (candidates)
   post_layernorm/, visual_projection/ (optional), head/classifier/     (common)
 
+The groups follow SPEC.md: ``post_layernorm`` (CLIP's ``ln_post``), the
+projection when present, and the head are *common* (every client trains them
+every round, outside the budget); no config changes that. Whether the
+projection exists is ``model.use_projection``: off by default here (the head
+reads the 768-d post-LN class token, as ``CLIPVisionModel``), on in the
+paper's configs (configs/cifar10_clip.py, configs/domainnet_clip.py: the head
+reads CLIP's 512-d image embedding, as ``CLIPVisionModelWithProjection``).
+
 Inputs are float32 NHWC images already normalised as the weights expect
 (OpenAI CLIP: :data:`CLIP_MEAN`, :data:`CLIP_STD` on [0, 1] pixels); images
 whose size differs from ``image_size`` are resized bilinearly in the graph.
@@ -29,12 +37,20 @@ import numpy as np
 
 from fedsel_jax import weights
 from fedsel_jax.masks import LayerGroups
-from fedsel_jax.models.bert import ClassifierHead
-from fedsel_jax.models.bert import dense
-from fedsel_jax.models.bert import layer_norm
 from fedsel_jax.models.spec import ModelSpec
+from fedsel_jax.models.transformer import ClassifierHead
+from fedsel_jax.models.transformer import activation
+from fedsel_jax.models.transformer import compute_dtype
+from fedsel_jax.models.transformer import dense
+from fedsel_jax.models.transformer import layer_norm
+from fedsel_jax.models.transformer import pretrained_loader
+from fedsel_jax.models.transformer import self_attention
 
 PyTree = Any
+
+# Block kernels LoRA may adapt (fedsel_jax/models/lora.py).
+LORA_TARGETS = {"attention": ("*/q_proj", "*/k_proj", "*/v_proj", "*/out_proj"),
+                "mlp": ("*/fc1", "*/fc2")}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,18 +91,6 @@ VARIANTS: dict[str, ClipVisionConfig] = {
 }
 
 
-def _activation(name: str):
-  acts = {
-      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-      "gelu": lambda x: nn.gelu(x, approximate=False),
-      "gelu_new": lambda x: nn.gelu(x, approximate=True),
-      "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-  }
-  if name not in acts:
-    raise ValueError(f"unsupported hidden_act {name!r}; known: {sorted(acts)}")
-  return acts[name]
-
-
 class ClipEmbeddings(nn.Module):
   """Patchify (conv, no bias) + class token + position embedding."""
 
@@ -122,20 +126,15 @@ class ClipLayer(nn.Module):
   def __call__(self, h: jax.Array) -> jax.Array:
     """h: dtype[B, T, D] -> dtype[B, T, D]."""
     cfg = self.cfg
-    b, t, d = h.shape
-    heads = cfg.num_heads
+    d = h.shape[-1]
     linear = lambda n, name: dense(n, self.dtype, self.param_dtype, name)
     norm = lambda x, name: layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name)(x)
 
     x = norm(h, "layer_norm1")
-    split = lambda y: y.reshape(b, t, heads, d // heads)
-    q, k, v = (split(linear(d, n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    probs = jax.nn.softmax(logits / np.sqrt(d // heads).astype(np.float32), axis=-1)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(b, t, d)
-    h = h + linear(d, "out_proj")(ctx)
+    q, k, v = (linear(d, n)(x) for n in ("q_proj", "k_proj", "v_proj"))
+    h = h + linear(d, "out_proj")(self_attention(q, k, v, cfg.num_heads))
 
-    x = _activation(cfg.hidden_act)(linear(cfg.intermediate_size, "fc1")(norm(h, "layer_norm2")))
+    x = activation(cfg.hidden_act)(linear(cfg.intermediate_size, "fc1")(norm(h, "layer_norm2")))
     return h + linear(d, "fc2")(x)
 
 
@@ -280,24 +279,19 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
         int(model_cfg.get("projection_dim", 512)) if projection else 0))
   if cfg.image_size % cfg.patch_size:
     raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch {cfg.patch_size}")
-  dtype = model_cfg.get("dtype", "float32")
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  dtype = compute_dtype(model_cfg.get("dtype", "float32"))
 
   module = ClipVisionClassifier(
       cfg=cfg, num_classes=num_classes, dropout_rate=float(model_cfg.get("dropout_rate", 0.0)),
-      resize_input=bool(model_cfg.get("resize_input", True)), dtype=jnp.dtype(dtype),
+      resize_input=bool(model_cfg.get("resize_input", True)), dtype=dtype,
       param_dtype=jnp.float32)
   side = int(model_cfg.get("input_size", cfg.image_size))
   example = np.zeros((2, side, side, cfg.num_channels), np.float32)
 
   load = None
   if directory is not None:
-    def load(params):
-      if set(params) == {"params"}:  # tolerate the full variables dict
-        return {"params": load_vision(params["params"], directory, cfg)}
-      return load_vision(params, directory, cfg)
+    load = pretrained_loader(lambda params: load_vision(params, directory, cfg))
 
   return ModelSpec(name=model_cfg.get("name", "clip_vit"), module=module,
                    groups=clip_groups(cfg.num_layers, bool(cfg.projection_dim)),
-                   example_input=example, load_pretrained=load)
+                   example_input=example, load_pretrained=load, lora_targets=LORA_TARGETS)

@@ -133,6 +133,16 @@ class ViT(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
+# Block kernels LoRA may adapt (fedsel_jax/models/lora.py). The MLP's block is
+# one Dense (an MLP kernel, no attention); the CNN has no dense block kernel.
+LORA_TARGETS = {
+    "mlp": {"mlp": ("block_*",)},
+    "cnn": {},
+    "vit": {"attention": ("*/attn/query", "*/attn/key", "*/attn/value", "*/attn/out"),
+            "mlp": ("*/mlp1", "*/mlp2")},
+}
+
+
 def build(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpec:
   """Builds ``mlp``, ``cnn`` or ``vit`` from ``config.model``.
 
@@ -159,4 +169,5 @@ def build(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> ModelSpe
     groups = block_groups(depth, common=("norm", "head"))
   else:
     raise ValueError(f"unknown small model {name!r}")
-  return ModelSpec(name=name, module=module, groups=groups, example_input=example)
+  return ModelSpec(name=name, module=module, groups=groups, example_input=example,
+                   lora_targets=LORA_TARGETS[name])
