@@ -40,7 +40,7 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
   checked against its fingerprint) before the first one computes.
   """
   from fedsel_jax import datasets
-  from fedsel_jax import plots
+  from fedsel_jax import plotting
   from fedsel_jax import train
 
   configs = strategy_configs(config)
@@ -63,9 +63,8 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
     for lock in locks:
       lock.release()
   if not quiet:
-    print(plots.results_table(results), flush=True)
-  plots.write_run_plots(workdir, [r["workdir"] for r in results],
-                        [r["strategy"] for r in results])
+    print(plotting.results_table(results), flush=True)
+  plotting.write_plots([workdir], workdir)   # finds the compare runs under workdir
   return results
 
 
