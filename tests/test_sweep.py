@@ -100,7 +100,9 @@ def test_killed_sweep_resumes_to_the_same_results(data_dir, swept, tmp_path):
   assert not glob.glob(str(tmp_path / "s" / "*" / "final.json"))
   proc = cli("sweep", *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resuming 4 runs from round 1" in proc.stdout
+  # Runs 0-1 saved round 2 before the kill, runs 2-3 only round 1: two groups resume.
+  assert "resuming 2 runs from round 1" in proc.stdout
+  assert "resuming 2 runs from round 2" in proc.stdout
   for member in json.load(open(os.path.join(swept, "sweep.json")))["members"]:
     assert_same_metrics(os.path.join(swept, member["name"]),
                         str(tmp_path / "s" / member["name"]), rtol=1e-6, atol=1e-9)
