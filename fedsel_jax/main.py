@@ -40,7 +40,7 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
   checked against its fingerprint) before the first one computes.
   """
   from fedsel_jax import datasets
-  from fedsel_jax import plots
+  from fedsel_jax import plotting
   from fedsel_jax import train
 
   from fedsel_jax import probe
@@ -69,12 +69,8 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
     for lock in locks:
       lock.release()
   if not quiet:
-    print(plots.results_table(results), flush=True)
-  curves = [r for r in results   # local-only and probe rows have no per-round metrics
-            if os.path.exists(os.path.join(r["workdir"], "metrics.csv"))]
-  if curves:
-    plots.write_run_plots(workdir, [r["workdir"] for r in curves],
-                          [r["strategy"] for r in curves])
+    print(plotting.results_table(results), flush=True)
+  plotting.write_plots([workdir], workdir)   # finds the compare runs under workdir
   return results
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from fedsel_jax import errors
 from fedsel_jax import federated
 from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
+from fedsel_jax import metrics_writer
 from fedsel_jax import models
 from fedsel_jax import selection
 from fedsel_jax import signals
@@ -51,14 +53,21 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.adamw(cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(module, key: jax.Array, example_input) -> Any:
+  """Compiled once per model, not once per Setup (modules compare by their fields)."""
+  return module.init(key, example_input)["params"]
+
+
 class Setup:
   """Everything derived from a config before the first round (host side)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, dataset=None):
+    """``dataset``: ``load_dataset(config.data)`` already loaded (a sweep reuses it)."""
     validate_config(config)
     self.config = config
     datasets.check_available(config.data)
-    self.dataset = datasets.load_dataset(config.data)
+    self.dataset = dataset if dataset is not None else datasets.load_dataset(config.data)
     ds = self.dataset
     seed = config.seed
     parts = data_lib.partition(ds, config.data.partition, config.data.num_clients, seed,
@@ -83,8 +92,7 @@ class Setup:
 
     self.spec = models.build_model(config.model, ds.num_classes, ds.train_x.shape[1:])
     init_key = jax.random.fold_in(jax.random.key(seed), 0x1217)
-    params = jax.jit(lambda k, x: self.spec.module.init(k, x)["params"])(
-        init_key, self.spec.example_input)
+    params = _init_params(self.spec.module, init_key, self.spec.example_input)
     if config.model.get("pretrained", "") and self.spec.load_pretrained is not None:
       params = self.spec.load_pretrained(params)
     self.params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
@@ -251,6 +259,7 @@ class _Run:
     self.rows: list[dict] = []
     self.history: dict[str, list] = {"masks": [], "scores": []}
     self.layer_names: tuple[str, ...] = ()   # candidate names, for diagnostics.npz
+    self.tensorboard = metrics_writer.TensorBoardMirror(workdir)
 
   def resume(self, initial: federated.ServerState, quiet: bool):
     """(first round to run, state) after restoring the newest intact checkpoint."""
@@ -301,6 +310,7 @@ class _Run:
   def checkpoint(self, step: int, state: federated.ServerState) -> None:
     with signals.critical():
       self.write_files()
+      self.tensorboard.write(self.rows)
       self.ckpts.save(step, state, _rows_csv(self.rows), self.history_arrays(),
                       self.fingerprint)
 
@@ -408,6 +418,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   run = _Run(workdir, config)
   run.layer_names = setup.spec.groups.names
   start, state = run.resume(setup.initial_state(), quiet)
+  run.tensorboard.start(start)
   guard = _Divergence(config, setup, workdir)
   guard.last_saved = start if start else None
   key = jax.random.key(config.seed)
@@ -454,6 +465,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   finally:
     bar.close()
     run.ckpts.close()
+    run.tensorboard.close()
   if ev is None:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
   final = {"strategy": config.selection.strategy, "rounds": num_rounds,
@@ -462,11 +474,16 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
            if run.rows else float("nan"), **selection.cost_totals(run.rows)}
   if setup.holdout is not None:
     final["client_holdout_accuracy"] = local_only.federated_holdout(setup, state.params)
-  def write_final(tmp):
+  write_final(workdir, final)
+  return final
+
+
+def write_final(workdir: str, final: dict[str, Any]) -> None:
+  """final.json of a finished run (atomically)."""
+  def write(tmp):
     with open(tmp, "w") as f:
       json.dump(final, f, indent=2)
-  _write_atomic(os.path.join(workdir, "final.json"), write_final)
-  return final
+  _write_atomic(os.path.join(workdir, "final.json"), write)
 
 
 def _record_selection(run: _Run, setup: "Setup", config, rd: dict, metrics: dict) -> None:

@@ -1,0 +1,52 @@
+"""The README's compact table: final test accuracy per strategy and budget.
+
+    .venv/bin/python experiments/paper_comparison/table.py > experiments/paper_comparison/table.md
+
+Reads the committed sweep outputs (``digits_fixed``, ``digits_hetero``):
+mean ± std over seeds, and in brackets the paired difference to ``proposed``
+(same seed, in accuracy points) with its 95% t interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from fedsel_jax import stats  # noqa: E402
+
+STRATEGY = "selection.strategy"
+COLUMNS = (("digits_fixed", {"selection.budget.value": 1}, "budget 1 block"),
+           ("digits_fixed", {"selection.budget.value": 2}, "budget 2 blocks"),
+           ("digits_hetero", {}, "heterogeneous 1-2 blocks"))
+
+
+def rows_of(workdir: str) -> list[dict]:
+  axes, _, members = stats.load_spec(workdir)
+  return [stats.member_row(os.path.join(workdir, m["name"]), m["values"]) for m in members]
+
+
+def cell(rows: list[dict], strategy: str, where: dict) -> str:
+  pick = [r for r in rows if r[STRATEGY] == strategy and all(r[k] == v for k, v in where.items())]
+  m, s, _ = stats.mean_std_ci([r["test_accuracy"] for r in pick])
+  if strategy == "proposed":
+    return f"{m:.4f} ± {s:.4f}"
+  ref = {r["seed"]: r["test_accuracy"] for r in rows
+         if r[STRATEGY] == "proposed" and all(r[k] == v for k, v in where.items())}
+  d, _, h = stats.mean_std_ci([100 * (r["test_accuracy"] - ref[r["seed"]]) for r in pick])
+  return f"{m:.4f} ± {s:.4f} ({d:+.2f} [{d - h:+.2f}, {d + h:+.2f}])"
+
+
+def main() -> None:
+  data = {name: rows_of(os.path.join(HERE, name)) for name in {c[0] for c in COLUMNS}}
+  strategies = list(dict.fromkeys(r[STRATEGY] for r in data["digits_fixed"]))
+  print("| strategy | " + " | ".join(label for _, _, label in COLUMNS) + " |")
+  print("|---|" + "---|" * len(COLUMNS))
+  for s in strategies:
+    print(f"| {s} | " + " | ".join(cell(data[n], s, w) for n, w, _ in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+  main()
