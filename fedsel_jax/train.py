@@ -468,13 +468,20 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
     run.tensorboard.close()
   if ev is None:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
-  final = {"strategy": config.selection.strategy, "rounds": num_rounds,
+  final = final_metrics(setup, run, ev, state.params)
+  write_final(workdir, final)
+  return final
+
+
+def final_metrics(setup: "Setup", run: _Run, ev: dict, params) -> dict[str, Any]:
+  """final.json's content: accuracy, loss, median round time, cost totals."""
+  config = setup.config
+  final = {"strategy": config.selection.strategy, "rounds": config.fl.num_rounds,
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
            if run.rows else float("nan"), **selection.cost_totals(run.rows)}
   if setup.holdout is not None:
-    final["client_holdout_accuracy"] = local_only.federated_holdout(setup, state.params)
-  write_final(workdir, final)
+    final["client_holdout_accuracy"] = local_only.federated_holdout(setup, params)
   return final
 
 

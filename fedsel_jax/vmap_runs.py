@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsel_jax import bound as bound_lib
 from fedsel_jax import client as client_lib
 from fedsel_jax import federated
 from fedsel_jax import train
@@ -160,6 +161,7 @@ def _train_together(setups, runs, states, start: int, runs_fn: Callable, shared_
   evaluate = setups[0].evaluate      # one compiled evaluation for every run
   num_rounds, r = c0.fl.num_rounds, len(setups)
   for run in runs:
+    run.layer_names = names
     run.tensorboard.start(start)
   evs = [None] * r
   try:
@@ -179,6 +181,7 @@ def _train_together(setups, runs, states, start: int, runs_fn: Callable, shared_
         run.rows.append(train._row(t, m, seconds, names, evs[j]))
         valid = rd["valid"] if shared_data else rd["valid"][j]
         train._record_selection(run, s, s.config, {"valid": valid}, m)
+        bound_lib.append_layer_terms(run.history, t, m)
       if evs[0] is not None and not quiet:
         accs = [e["accuracy"] for e in evs]
         print(f"  {r} runs round {t + 1}/{num_rounds}  test_accuracy "
@@ -194,10 +197,7 @@ def _train_together(setups, runs, states, start: int, runs_fn: Callable, shared_
   finals = []
   for j, (s, run) in enumerate(zip(setups, runs)):
     ev = evs[j] or evaluate(unstack(state.params, j), s.test_x, s.test_y)
-    final = {"strategy": s.config.selection.strategy, "rounds": num_rounds,
-             "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-             "median_seconds_per_round": float(np.median([float(x["seconds"]) for x in run.rows]))
-             if run.rows else float("nan")}
+    final = train.final_metrics(s, run, ev, unstack(state.params, j))
     train.write_final(run.workdir, final)
     finals.append(final)
   return finals
