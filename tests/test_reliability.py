@@ -246,17 +246,23 @@ def _files(step_dir, item):
                  if os.path.isfile(p)), key=os.path.getsize)
 
 
+def _data_files(step_dir, item):
+  """The array data files of an orbax item (ocdbt ``d/`` folders), largest first."""
+  files = [p for p in _files(step_dir, item) if os.sep + "d" + os.sep in p]
+  return files[::-1] or _files(step_dir, item)[::-1]
+
+
 def _damage(kind, step_dir):
   if kind == "truncate_state":
-    path = _files(step_dir, "state")[-1]
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
+    for path in _data_files(step_dir, "state"):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
   elif kind == "flip_state":
-    path = _files(step_dir, "state")[-1]
-    data = bytearray(open(path, "rb").read())
-    for i in range(len(data) // 3, len(data), max(1, len(data) // 7)):
-      data[i] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    for path in _data_files(step_dir, "state"):
+      data = bytearray(open(path, "rb").read())
+      for i in range(len(data) // 3, len(data), max(1, len(data) // 7)):
+        data[i] ^= 0xFF
+      open(path, "wb").write(bytes(data))
   elif kind == "delete_state":
     shutil.rmtree(os.path.join(step_dir, "state"))
   elif kind == "flip_meta":
