@@ -230,7 +230,12 @@ def errors_figure(series: list[Series], path: str) -> str | None:
   curves = {n: [_runs_curve(s.dirs, n) for s in series] for n, _ in ERROR_TERMS}
   if not any(ys.size for cs in curves.values() for _, ys in cs):
     return None
-  fig, axes = plt.subplots(1, 4, figsize=(20, 4.5), squeeze=False)
+  bound = [_mean_curve(s.dirs, "bound_rhs") for s in series]
+  with_bound = any(len(x) for x, _, _ in bound)
+  fig, axes = plt.subplots(1, 5 if with_bound else 4, figsize=(25 if with_bound else 20, 4.5),
+                           squeeze=False)
+  if with_bound:
+    _bound_panel(axes[0][4], series, bound)
   for ax, (name, label) in zip(axes[0], ERROR_TERMS):
     for i, (s, (x, ys)) in enumerate(zip(series, curves[name])):
       if len(x):
@@ -246,8 +251,30 @@ def errors_figure(series: list[Series], path: str) -> str | None:
     _integer_rounds(ax, _num_rounds(series))
     ax.grid(alpha=0.3)
   _legend(axes[0][-1], len(series))
-  fig.suptitle("Selection error terms, at the diagnosed rounds only (diagnostics_every)")
+  fig.suptitle("Selection error terms, at the diagnosed rounds only (diagnostics.every)")
   return _save(fig, path)
+
+
+def _bound_panel(ax, series: list[Series], bound) -> None:
+  """The theorem's two sides: running mean of ||grad f||^2 (solid) against the
+  right-hand side (dashed; dotted with f* = 0), defined at every round."""
+  values = []
+  for i, (s, (x, rhs, _)) in enumerate(zip(series, bound)):
+    if not len(x):
+      continue
+    st = style(i)
+    xa, lhs, _ = _mean_curve(s.dirs, "grad_sq_avg")
+    ax.plot(xa, lhs, color=st["color"], ls="-", label=f"{s.label}: (1/T) sum ||grad f||^2")
+    ax.plot(x, rhs, color=st["color"], ls="--", label=f"{s.label}: right-hand side")
+    x0, rhs0, _ = _mean_curve(s.dirs, "bound_rhs_fstar0")
+    if len(x0):
+      ax.plot(x0, rhs0, color=st["color"], ls=":", lw=1)
+    values += [lhs, rhs]
+  _y_scale(ax, values)
+  ax.set(xlabel="round T", title="Bound: running mean vs right-hand side")
+  _integer_rounds(ax, _num_rounds(series))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
 
 
 def lambda_figure(series: list[Series], path: str) -> str | None:
