@@ -389,8 +389,8 @@ def test_evaluate_counts_every_example_once_for_any_size(n, batch):
 
 # ---------------------------------------------------------------- property test of the CLI
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
+import hypothesis  # noqa: E402  (declared in the test extra of pyproject.toml)
+from hypothesis import strategies as st  # noqa: E402
 
 _INTS = st.integers(-2, 40).map(str)
 _FLOATS = st.sampled_from(["0", "-1", "1e-3", "0.1", "1e6", "nan", "inf", "-inf", "2.5", "abc"])
