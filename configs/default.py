@@ -98,7 +98,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.client_optim = ml_collections.ConfigDict()
   # Adam with a fresh state every round. The head baseline uses the same
-  # optimizer; with lr 1e-2 instead it reached 0.335 (README).
+  # optimizer.
   c.client_optim.name = "adam"   # sgd | momentum | adam | adamw
   c.client_optim.lr = 1e-3
   c.client_optim.momentum = 0.9
