@@ -44,7 +44,7 @@ def cli(module, *args, env=None, timeout=600):
 def smoke_args(data_dir, workdir):
   # Every round diagnosed, so E1/E2 are compared in all 3 rounds.
   return ["--config", "configs/digits.py:smoke", "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", "--config.diagnostics_every=1"]
+          f"--config.data.data_dir={data_dir}", "--config.diagnostics.every=1"]
 
 
 def read_csv(path):
