@@ -23,7 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, plots and checkp
 
 def run(config, workdir: str) -> list[dict]:
   """Runs the configured strategy and each of ``config.compare_strategies``."""
-  from fedsel_jax import plots
+  from fedsel_jax import plotting
   from fedsel_jax import train
 
   strategies = [config.selection.strategy] + [
@@ -44,9 +44,8 @@ def run(config, workdir: str) -> list[dict]:
     except ValueError as e:
       raise train.ConfigError(str(e)) from e
     results.append(dict(train.train_and_evaluate(c, sub, setup=setup), workdir=sub))
-  print(plots.results_table(results), flush=True)
-  plots.write_run_plots(workdir, [r["workdir"] for r in results],
-                        [r["strategy"] for r in results])
+  print(plotting.results_table(results), flush=True)
+  plotting.write_plots([workdir], workdir)   # finds the compare runs under workdir
   return results
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import sys
@@ -23,6 +21,7 @@ from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
 from fedsel_jax import federated
 from fedsel_jax import masks as masks_lib
+from fedsel_jax import metrics_writer
 from fedsel_jax import models
 from fedsel_jax import selection
 from fedsel_jax.evaluate import make_eval_fn
@@ -195,39 +194,6 @@ def _checkpointer(workdir: str) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def _read_rows(path: str, upto: int) -> list[dict]:
-  """Rows of an existing metrics.csv with round < upto (the part a resume keeps)."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [r for r in csv.DictReader(f) if int(r["round"]) < upto]
-
-
-def _write_rows(path: str, rows: list[dict]) -> None:
-  fields = list(dict.fromkeys(k for r in rows for k in r))
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-  os.replace(tmp, path)
-
-
-def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
-         ev: dict | None) -> dict:
-  row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),
-                         "test_loss": "" if ev is None else ev["loss"],
-                         "test_accuracy": "" if ev is None else ev["accuracy"],
-                         "seconds": round(seconds, 4)}
-  for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq"):
-    if key in metrics:
-      value = float(metrics[key])
-      row[key] = "" if np.isnan(value) else value
-  for name, s in zip(names, np.asarray(metrics["coverage"])):
-    row[f"S_{name}"] = int(s)
-  return row
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        setup: Setup | None = None, quiet: bool = False) -> dict[str, Any]:
   """Runs (or resumes) a federated run in ``workdir``; returns the final metrics.
@@ -251,16 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
     if not quiet:
       print(f"resuming {workdir} from round {start}", flush=True)
-  metrics_path = os.path.join(workdir, "metrics.csv")
-  rows = _read_rows(metrics_path, start)
-  sel_path = os.path.join(workdir, "selection.npz")
-  history = {"masks": [], "scores": []}
-  if start and os.path.exists(sel_path):
-    with np.load(sel_path) as f:
-      history = {k: list(f[k][:start]) for k in f.files}
-
-  key = jax.random.key(config.seed)
   names = setup.spec.groups.names
+  log = metrics_writer.RunWriter(workdir, names, start)
+  key = jax.random.key(config.seed)
   num_rounds = config.fl.num_rounds
   # A live bar on a terminal; one plain line per evaluation in logs and CI.
   live = not quiet and sys.stderr.isatty()
@@ -277,23 +236,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ev = None
     if (t + 1) % config.eval_every == 0 or last:
       ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
-    rows.append(_row(t, metrics, seconds, names, ev))
-    valid = rd["valid"]
-    history["masks"].append(np.asarray(metrics["masks"])[valid])
-    if "scores" in metrics:
-      history["scores"].append(np.asarray(metrics["scores"])[valid])
+    extra = None
     if config.selection.get("check_exact", False) and "scores" in metrics:
-      rows[-1].update(_exact_gap(setup, rd, metrics))
-    bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}",
+      extra = _exact_gap(setup, rd, metrics)
+    row = log.add_round(t, metrics, seconds, ev, rd["valid"], extra)
+    bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                     acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
     if ev and not live and not quiet:
       print(f"{config.selection.strategy} round {t + 1}/{num_rounds}  "
-            f"train_loss {rows[-1]['train_loss']:.4f}  test_loss {ev['loss']:.4f}  "
+            f"train_loss {row['train_loss']:.4f}  test_loss {ev['loss']:.4f}  "
             f"test_accuracy {ev['accuracy']:.4f}  {seconds:.2f} s/round", flush=True)
     if (t + 1) % config.checkpoint_every == 0 or last:
-      _write_rows(metrics_path, rows)
-      np.savez(sel_path + ".tmp.npz", **{k: np.stack(v) for k, v in history.items() if v})
-      os.replace(sel_path + ".tmp.npz", sel_path)
+      log.flush()
       mngr.save(t + 1, args=ocp.args.StandardSave(state))
   mngr.wait_until_finished()
   bar.close()
@@ -301,10 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
   final = {"strategy": config.selection.strategy, "rounds": num_rounds,
            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-           "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in rows]))
-           if rows else float("nan")}
-  with open(os.path.join(workdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=2)
+           "median_seconds_per_round": log.median_seconds()}
+  log.write_final(final)
   return final
 
 

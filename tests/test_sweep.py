@@ -1,0 +1,210 @@
+"""The sweep command: members equal single CLI runs, resume after a kill, bad input."""
+
+import csv
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from fedsel_jax import datasets
+from fedsel_jax import plot as plot_cli
+from fedsel_jax import stats
+from fedsel_jax import sweep_spec
+from fedsel_jax import train
+from fedsel_jax import vmap_runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = ["--sweep", "selection.lam=0,0.1", "--sweep", "seed=0,1"]
+COMPARED = ("train_loss", "test_loss", "test_accuracy", "penalty", "disagreement", "objective",
+            "e1", "e2", "e2_bound", "grad_sq")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  c = digits_config.get_config("smoke")
+  c.data.data_dir = path
+  datasets.load_dataset(c.data)   # prepare digits once
+  return path
+
+
+def cli(module, *args, env=None, timeout=600):
+  return subprocess.run([sys.executable, "-m", f"fedsel_jax.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, **(env or {})))
+
+
+def smoke_args(data_dir, workdir):
+  # Every round diagnosed, so E1/E2 are compared in all 3 rounds.
+  return ["--config", "configs/digits.py:smoke", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", "--config.diagnostics_every=1"]
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def assert_same_metrics(a_dir, b_dir, rtol=1e-5, atol=1e-6):
+  a, b = read_csv(os.path.join(a_dir, "metrics.csv")), read_csv(os.path.join(b_dir, "metrics.csv"))
+  assert [r["round"] for r in a] == [r["round"] for r in b] == ["0", "1", "2"]
+  for ra, rb in zip(a, b):
+    for k in list(COMPARED) + [k for k in ra if k.startswith("S_")]:
+      assert (ra[k] == "") == (rb[k] == ""), (k, ra[k], rb[k])
+      if ra[k] != "":
+        np.testing.assert_allclose(float(ra[k]), float(rb[k]), rtol=rtol, atol=atol, err_msg=k)
+  with np.load(os.path.join(a_dir, "selection.npz")) as fa, \
+       np.load(os.path.join(b_dir, "selection.npz")) as fb:
+    np.testing.assert_array_equal(fa["masks"], fb["masks"])
+    np.testing.assert_allclose(fa["scores"], fb["scores"], rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def swept(data_dir, tmp_path_factory):
+  """An uninterrupted 2 lambdas x 2 seeds sweep (one vmapped program)."""
+  workdir = tmp_path_factory.mktemp("sweep") / "s"
+  proc = cli("sweep", *smoke_args(data_dir, workdir), *SWEEP)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "4 runs vmapped" in proc.stdout
+  return str(workdir)
+
+
+@pytest.mark.parametrize("member,overrides", [
+    ("selection.lam=0.1,seed=0", ["--config.selection.lam=0.1"]),      # a lambda member
+    ("selection.lam=0.0,seed=1", ["--config.seed=1", "--config.selection.lam=0"]),  # a seed member
+])
+def test_sweep_member_equals_a_separate_cli_run(data_dir, swept, tmp_path, member, overrides):
+  proc = cli("main", *smoke_args(data_dir, tmp_path), *overrides)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_dir = os.path.join(swept, member)
+  assert_same_metrics(run_dir, str(tmp_path))
+  for name in ("config.json", "final.json", "selection.npz", "checkpoints"):
+    assert os.path.exists(os.path.join(run_dir, name)), name
+  with open(os.path.join(run_dir, "config.json")) as f, \
+       open(os.path.join(tmp_path, "config.json")) as g:
+    assert json.load(f) == json.load(g)
+
+
+def test_killed_sweep_resumes_to_the_same_results(data_dir, swept, tmp_path):
+  args = smoke_args(data_dir, tmp_path / "s") + SWEEP
+  # 4 runs save after every round: the 6th save is inside round 2.
+  proc = cli("sweep", *args, env={vmap_runs.KILL_ENV: "6"})
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert not glob.glob(str(tmp_path / "s" / "*" / "final.json"))
+  proc = cli("sweep", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resuming 4 runs from round 1" in proc.stdout
+  for member in json.load(open(os.path.join(swept, "sweep.json")))["members"]:
+    assert_same_metrics(os.path.join(swept, member["name"]),
+                        str(tmp_path / "s" / member["name"]), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("sweep,needle", [
+    ("selection.lamda=0,1", "unknown config field 'selection.lamda'"),
+    ("fl.num_rounds=2,2.5", "fl.num_rounds must be an int, got '2.5'"),
+    ("selection.lam=", "selection.lam has an empty list"),
+])
+def test_bad_sweep_input_is_one_line_exit_2(data_dir, tmp_path, sweep, needle):
+  proc = cli("sweep", *smoke_args(data_dir, tmp_path), "--sweep", sweep, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+  assert not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_axes_members_and_groups():
+  c = digits_config.get_config("smoke")
+  axes = sweep_spec.parse_axes(["selection.lam=0,0.5", "seed=1,2",
+                                "selection.strategy=top,proposed"], c)
+  assert axes[0].values == (0.0, 0.5) and axes[1].values == (1, 2)
+  members = sweep_spec.make_members(c, axes)
+  assert len(members) == 8
+  assert members[0].name == "selection.lam=0.0,seed=1,selection.strategy=top"
+  assert members[-1].config.selection.lam == 0.5 and members[-1].config.seed == 2
+  groups = sweep_spec.run_groups(members)
+  assert sorted(len(g) for g in groups) == [4, 4]    # one program per strategy
+  assert all(len({m.config.selection.strategy for m in g}) == 1 for g in groups)
+  assert len(sweep_spec.run_groups(members, vmap=False)) == 8
+  assert sweep_spec.parse_baseline("selection.strategy=top", axes, c) == \
+      ("selection.strategy", "top")
+  for bad in ["selection.strategy=best", "seed=1", "fl.local_steps=2"]:
+    with pytest.raises(sweep_spec.SweepError):
+      sweep_spec.parse_baseline(bad, axes, c)
+  for bad in ["seed", "seed=1,1", "fl.unroll=maybe", "model.features=1,2", "fl=1"]:
+    with pytest.raises(sweep_spec.SweepError):
+      sweep_spec.parse_axes([bad], c)
+
+
+def test_padding_the_example_axis_changes_no_result(data_dir):
+  """The claim the vmapped seeds rest on: a round is invariant to example padding."""
+  c = digits_config.get_config("smoke")
+  c.data.data_dir = data_dir
+  c.selection.strategy = "snr_p1"
+  c.selection.sel_batches = 0
+  setup = train.Setup(c)
+  rd = setup.round_data(0)
+  key = jax.random.key(0)
+  _, plain = setup.round_fn(setup.initial_state(), rd, key)
+  _, padded = setup.round_fn(setup.initial_state(),
+                             vmap_runs.pad_examples(rd, rd["mask"].shape[1] + 37), key)
+  for k in plain:
+    np.testing.assert_allclose(np.asarray(plain[k]), np.asarray(padded[k]), rtol=1e-6,
+                               atol=1e-9, err_msg=k)
+
+
+def test_summary_statistics_and_paired_differences():
+  x = [0.9, 0.92, 0.95]
+  m, s, h = stats.mean_std_ci(x)
+  assert m == pytest.approx(np.mean(x)) and s == pytest.approx(np.std(x, ddof=1))
+  assert h == pytest.approx(4.302652729749462 * s / np.sqrt(3))   # t(0.975, 2)
+  assert np.isnan(stats.mean_std_ci([0.5])[1])
+  rows = [dict(seed=i, **{"selection.strategy": st, "test_accuracy": a})
+          for st, accs in (("top", [0.5, 0.6, 0.7]), ("proposed", [0.6, 0.6, 0.9]))
+          for i, a in enumerate(accs)]
+  [(combo, diffs)] = stats.paired_differences(rows, ["selection.strategy"],
+                                              ("selection.strategy", "top"))
+  assert combo == ("proposed",)
+  np.testing.assert_allclose(diffs, [0.1, 0.0, 0.2], atol=1e-12)
+
+
+def test_summary_and_figures_regenerate_from_files(swept, tmp_path):
+  rows = read_csv(os.path.join(swept, "summary.csv"))
+  assert len(rows) == 4
+  for r in rows:
+    with open(os.path.join(swept, r["member"], "final.json")) as f:
+      assert float(r["test_accuracy"]) == json.load(f)["test_accuracy"]
+  md = open(os.path.join(swept, "summary.md")).read()
+  assert "| 0.0 | 2 |" in md and "95% CI" in md
+  paths = plot_cli.main([swept, "--out", str(tmp_path)])
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "accuracy.png", "errors.png", "lambda.png", "loss.png", "selection.png"]
+  assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def _events(path):
+  """Scalar (tag, step, value) of a TensorBoard event file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      (length,) = struct.unpack("<Q", header[:8])
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)
+      out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_writer_mirrors_the_csv_in_tensorboard(swept):
+  run_dir = os.path.join(swept, "selection.lam=0.1,seed=1")
+  [path] = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+  events = {(tag, step): v for tag, step, v in _events(path)}
+  for row in read_csv(os.path.join(run_dir, "metrics.csv")):
+    assert events[("train_loss", int(row["round"]))] == pytest.approx(float(row["train_loss"]))
+  assert ("test_accuracy", 2) in events
