@@ -79,10 +79,18 @@ def _chunks(items: list, size: int) -> list[list]:
   return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_DATASETS: dict[str, object] = {}   # data config (JSON) -> loaded dataset, reused by members
+
+
 def _setup(member):
+  from fedsel_jax import datasets
   from fedsel_jax import train
+  key = member.config.data.to_json_best_effort(sort_keys=True)
   try:   # everything Setup checks (partition, budgets, costs) comes before compute
-    return train.Setup(member.config)
+    if key not in _DATASETS:
+      datasets.check_available(member.config.data)
+      _DATASETS[key] = datasets.load_dataset(member.config.data)
+    return train.Setup(member.config, dataset=_DATASETS[key])
   except ValueError as e:
     raise train.ConfigError(f"{e} (member {member.name})") from e
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -80,14 +81,21 @@ def make_optimizer(cfg: ml_collections.ConfigDict, prefix: str) -> optax.Gradien
   return optax.adamw(cfg.lr, weight_decay=cfg.get("weight_decay", 0.0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(module, key: jax.Array, example_input) -> Any:
+  """Compiled once per model, not once per Setup (modules compare by their fields)."""
+  return module.init(key, example_input)["params"]
+
+
 class Setup:
   """Everything derived from a config before the first round (host side)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, dataset=None):
+    """``dataset``: ``load_dataset(config.data)`` already loaded (a sweep reuses it)."""
     validate_config(config)
     self.config = config
     datasets.check_available(config.data)
-    self.dataset = datasets.load_dataset(config.data)
+    self.dataset = dataset if dataset is not None else datasets.load_dataset(config.data)
     ds = self.dataset
     seed = config.seed
     parts = data_lib.partition(ds, config.data.partition, config.data.num_clients, seed,
@@ -106,8 +114,7 @@ class Setup:
 
     self.spec = models.build_model(config.model, ds.num_classes, ds.train_x.shape[1:])
     init_key = jax.random.fold_in(jax.random.key(seed), 0x1217)
-    params = jax.jit(lambda k, x: self.spec.module.init(k, x)["params"])(
-        init_key, self.spec.example_input)
+    params = _init_params(self.spec.module, init_key, self.spec.example_input)
     if config.model.get("pretrained", "") and self.spec.load_pretrained is not None:
       params = self.spec.load_pretrained(params)
     self.params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
