@@ -155,7 +155,8 @@ def curve_figure(series: list[Series], names: list[tuple[str, str]], path: str,
     _integer_rounds(ax, _num_rounds(series))
     ax.grid(alpha=0.3)
   _legend(axes[0][-1], len(series))
-  fig.suptitle(title)
+  if len(names) > 1:
+    fig.suptitle(title)
   return _save(fig, path)
 
 
@@ -204,16 +205,21 @@ def selection_figure(series: list[Series], path: str) -> str | None:
   for ax in axes[:, 0]:
     ax.set_ylabel("layer (input -> output)")
   fig.colorbar(im, ax=axes, label="share of sampled clients training the layer", shrink=0.9)
-  fig.suptitle("Selected layers per round")
+  fig.suptitle("Share of the sampled clients training each layer (mean over the n seeds)")
   return _save(fig, path)
 
 
 def _y_scale(ax, values: list[np.ndarray]) -> None:
+  """Log where all values are positive and within 4 decades; else symlog whose
+  linear part (up to 1e-3 of the largest) shows exact and numerical zeros at 0."""
   v = np.concatenate([x for x in values if len(x)]) if values else np.array([])
-  if len(v) and np.all(v > 0):
+  v = v[np.isfinite(v)]
+  if not len(v) or np.max(v) <= 0:
+    return
+  if np.all(v > 0) and np.max(v) / np.min(v) < 1e4:
     ax.set_yscale("log")
-  elif len(v) and np.any(v > 0):
-    ax.set_yscale("symlog", linthresh=float(np.min(v[v > 0])))
+  else:
+    ax.set_yscale("symlog", linthresh=float(np.max(v)) * 1e-3, linscale=0.5)
 
 
 def errors_figure(series: list[Series], path: str) -> str | None:
@@ -228,9 +234,11 @@ def errors_figure(series: list[Series], path: str) -> str | None:
       if len(x):
         st = style(i)
         m = ys.mean(0)
+        gap = float(np.min(np.diff(x))) if len(x) > 1 else 1.
+        x = x + (i - (len(series) - 1) / 2) * min(0.8 * gap / len(series), 0.4)  # dodge
         span = np.stack([m - ys.min(0), ys.max(0) - m]) if len(ys) > 1 else None
         ax.errorbar(x, m, yerr=span, linestyle="none", marker=st["marker"], color=st["color"],
-                    markersize=5, capsize=2, label=f"{s.label} (n={len(s.dirs)})")
+                    markersize=5, capsize=2, elinewidth=0.8, label=f"{s.label} (n={len(s.dirs)})")
     _y_scale(ax, [ys.ravel() for _, ys in curves[name]])
     ax.set(xlabel="round", title=f"{label} (mean, min-max over seeds)")
     _integer_rounds(ax, _num_rounds(series))
@@ -273,6 +281,7 @@ def lambda_figure(series: list[Series], path: str) -> str | None:
   for ax in axes[0]:
     if positive:   # linear below the smallest positive lambda: 0 sits where it is
       ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+      ax.set_xlabel(f"lambda (symlog axis, linear below {positive[0]:g})")
     ax.xaxis.set_major_locator(FixedLocator(lams))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([f"{v:g}" for v in lams], rotation=45, ha="right")

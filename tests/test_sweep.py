@@ -208,3 +208,25 @@ def test_writer_mirrors_the_csv_in_tensorboard(swept):
   for row in read_csv(os.path.join(run_dir, "metrics.csv")):
     assert events[("train_loss", int(row["round"]))] == pytest.approx(float(row["train_loss"]))
   assert ("test_accuracy", 2) in events
+
+
+def test_shared_round_data_equals_stacked_round_data(data_dir):
+  """Runs that differ in lambda only: data without a run axis == data stacked R times."""
+  import jax.numpy as jnp
+  setups = []
+  for lam in (0.0, 0.3):
+    c = digits_config.get_config("smoke")
+    c.data.data_dir = data_dir
+    c.selection.lam = lam
+    setups.append(train.Setup(c))
+  n_max = setups[0].clients.mask.shape[1]
+  keys = jax.vmap(jax.random.key)(jnp.zeros(2, jnp.int32))
+  lrs = jnp.asarray([[0.1, 1.0]] * 2, jnp.float32)
+  out = []
+  for shared in (True, False):
+    states = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[s.initial_state() for s in setups])
+    rd = vmap_runs.stack_round_data([s.round_data(0) for s in setups], shared, n_max)
+    out.append(vmap_runs.make_runs_fn(setups[0], shared)(states, rd, lrs, keys)[1])
+  for k in out[0]:
+    np.testing.assert_allclose(np.asarray(out[0][k]), np.asarray(out[1][k]), rtol=1e-6,
+                               atol=1e-9, err_msg=k)
