@@ -19,11 +19,18 @@ import numpy as np
 
 SEED = "seed"
 FINAL_METRICS = ("test_accuracy", "test_loss")
+# Cost totals of the run (final.json; fedsel_jax/costs.py), per round in summary.md.
+COST_TOTALS = ("total_train_flops", "total_score_flops", "total_bytes_up", "total_bytes_down")
 # Means over the rounds where a round measured them (diagnostics rounds for E1/E2).
 ROUND_MEANS = ("disagreement", "penalty", "e1", "e2", "e2_bound", "grad_sq")
 MD_COLUMNS = (("test_accuracy", "test accuracy"), ("test_loss", "test loss"),
               ("disagreement", "disagreeing pairs / round"), ("e1", "mean E1"),
               ("e2", "mean E2"))
+# (final.json total, label, unit) of the cost columns, shown per round.
+COST_COLUMNS = (("total_train_flops", "train GFLOP / round", 1e9),
+                ("total_score_flops", "score GFLOP / round", 1e9),
+                ("total_bytes_up", "MB up / round", 1e6),
+                ("total_bytes_down", "MB down / round", 1e6))
 
 
 def mean_std_ci(values) -> tuple[float, float, float]:
@@ -43,16 +50,28 @@ def _floats(rows: list[dict], key: str) -> list[float]:
 
 
 def member_row(member_dir: str, values: dict[str, Any]) -> dict[str, Any]:
-  """The summary row of one finished member directory."""
-  with open(os.path.join(member_dir, "final.json")) as f:
-    final = json.load(f)
+  """The summary row of one finished (or diverged) member directory.
+
+  A diverged member (``diverged.json``) has empty final metrics, the rounds
+  it logged and its reason in ``diverged``; statistics leave it out.
+  """
+  diverged = os.path.join(member_dir, "diverged.json")
+  final: dict[str, Any] = {}
+  if os.path.exists(diverged):
+    with open(diverged) as f:
+      reason = json.load(f)["diverged"]
+  else:
+    reason = ""
+    with open(os.path.join(member_dir, "final.json")) as f:
+      final = json.load(f)
   with open(os.path.join(member_dir, "metrics.csv")) as f:
     rounds = list(csv.DictReader(f))
   row: dict[str, Any] = dict(values)
   row["member"] = os.path.basename(member_dir)
-  for k in FINAL_METRICS:
-    row[k] = final[k]
-  row["rounds"] = final["rounds"]
+  for k in FINAL_METRICS + COST_TOTALS:
+    row[k] = final.get(k, "")
+  row["rounds"] = final.get("rounds", len(rounds))
+  row["diverged"] = reason
   for k in ROUND_MEANS:
     xs = _floats(rounds, k)
     row[k] = float(np.mean(xs)) if xs else ""
@@ -120,17 +139,24 @@ def markdown_summary(rows: list[dict], fields, baseline) -> str:
   fields = [f if isinstance(f, str) else f.field for f in fields]
   others = [f for f in fields if f != SEED]
   groups = combos(rows, others)
+  costs = [(k, label, scale) for k, label, scale in COST_COLUMNS
+           if any(r.get(k, "") not in ("", None) for r in rows)]
   head = others + ["seeds"] + [label for _, label in MD_COLUMNS[:1]] + ["95% CI"] + \
-      [label for _, label in MD_COLUMNS[1:]]
+      [label for _, label in MD_COLUMNS[1:]] + [label for _, label, _ in costs]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for key, rs in groups.items():
-    cells = [str(v) for v in key] + [str(len(rs))]
+    failed = sum(bool(r.get("diverged")) for r in rs)
+    cells = [str(v) for v in key] + [f"{len(rs)}" + (f" ({failed} diverged)" if failed else "")]
     for i, (k, _) in enumerate(MD_COLUMNS):
       m, s, h = mean_std_ci([float(r[k]) if r[k] != "" else None for r in rs])
       d = _digits(k) if k != "disagreement" else 1
       cells.append(_fmt(m, s, d) if k != "e1" and k != "e2" else _fmt_sci(m, s))
       if i == 0:
         cells.append(_ci(m, h, d))
+    for k, _, scale in costs:   # per round, mean over seeds
+      m, _, _ = mean_std_ci([float(r[k]) / float(r["rounds"]) / scale
+                             if r.get(k, "") not in ("", None) else None for r in rs])
+      cells.append("-" if not np.isfinite(m) else f"{m:.4g}")
     lines.append("| " + " | ".join(cells) + " |")
   text = "\n".join(lines)
   if baseline:
@@ -156,7 +182,7 @@ def paired_differences(rows: list[dict], others: list[str], baseline, key="test_
     for r in rs:
       ref = dict(zip(others, combo), **{bfield: bvalue})
       b = index.get(tuple(ref[f] for f in others) + (r.get(SEED),))
-      if b is not None:
+      if b is not None and r[key] != "" and b[key] != "":   # diverged members: no pair
         diffs.append(float(r[key]) - float(b[key]))
     out.append((combo, diffs))
   return out

@@ -37,8 +37,12 @@ FLAGS = {"config": True, "workdir": True, "sweep[]": True, "baseline": True, "ru
 
 
 def _is_done(member: sweep_spec.Member, workdir: str) -> bool:
-  """A finished member: this run's fingerprint (another run's raises) and final.json."""
+  """A finished member: this run's fingerprint (another run's raises) and final.json
+  (or diverged.json: it stopped on fl.max_bad_rounds)."""
   from fedsel_jax import workdir as workdir_lib
+  if os.path.exists(os.path.join(workdir, "diverged.json")):
+    # Deterministic: rerunning a diverged member diverges again.
+    return workdir_lib.check_fingerprint(workdir, member.config)
   if not os.path.exists(os.path.join(workdir, "final.json")):
     return False
   if not workdir_lib.check_fingerprint(workdir, member.config):
@@ -92,6 +96,7 @@ def _setup(member):
 def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
               done: set[str]) -> None:
   """Trains a group's unfinished members: vmapped if more than one, else alone."""
+  from fedsel_jax import errors
   from fedsel_jax import train
   from fedsel_jax import vmap_runs
   todo = [m for m in group if m.name not in done]
@@ -100,7 +105,12 @@ def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
   if len(todo) == 1:
     m = todo[0]
     print(f"== {m.name}", flush=True)
-    train.train_and_evaluate(m.config, os.path.join(workdir, m.name), setup=_setup(m))
+    wd = os.path.join(workdir, m.name)
+    try:
+      train.train_and_evaluate(m.config, wd, setup=_setup(m))
+    except errors.DivergedError as e:   # one member's divergence does not stop the sweep
+      vmap_runs.write_diverged(wd, str(e))
+      print(f"error: {e}", flush=True)
     return
   setups = [_setup(m) for m in todo]
   # One shape for the whole group: pad every run's example axis to the largest.

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
 import os
 import sys
 import time
@@ -16,11 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from fedsel_jax import bound as bound_lib
-from fedsel_jax import checkpoints as checkpoints_lib
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
@@ -28,10 +22,9 @@ from fedsel_jax import errors
 from fedsel_jax import federated
 from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
-from fedsel_jax import metrics_writer
 from fedsel_jax import models
+from fedsel_jax import run_record
 from fedsel_jax import selection
-from fedsel_jax import signals
 from fedsel_jax import validate
 from fedsel_jax import workdir as workdir_lib
 from fedsel_jax.evaluate import make_eval_fn
@@ -39,6 +32,8 @@ from fedsel_jax.evaluate import make_eval_fn
 # Re-exported: callers and tests use train.ConfigError / train.validate_config.
 ConfigError = errors.ConfigError
 validate_config = validate.validate_config
+final_metrics = run_record.final_metrics
+write_final = run_record.write_final
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -210,154 +205,6 @@ def client_sharding(config) -> jax.sharding.Sharding | None:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
 
 
-def _rows_csv(rows: list[dict]) -> str:
-  """The metrics rows as CSV text (the content of metrics.csv)."""
-  out = io.StringIO()
-  fields = list(dict.fromkeys(k for r in rows for k in r))
-  w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-  w.writeheader()
-  w.writerows(rows)
-  return out.getvalue() if rows else ""
-
-
-def _parse_rows(text: str) -> list[dict]:
-  return list(csv.DictReader(io.StringIO(text))) if text else []
-
-
-def _write_atomic(path: str, write) -> None:
-  tmp = path + ".tmp"
-  write(tmp)
-  os.replace(tmp, path)
-
-
-def _row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
-         ev: dict | None) -> dict:
-  row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),
-                         "test_loss": "" if ev is None else ev["loss"],
-                         "test_accuracy": "" if ev is None else ev["accuracy"],
-                         "seconds": round(seconds, 4),
-                         "clients_nonfinite": int(metrics["clients_nonfinite"]),
-                         "round_skipped": int(bool(metrics["round_skipped"]))}
-  for key in ("penalty", "disagreement", "objective", "e1", "e2", "e2_bound", "grad_sq",
-              "grad_sq_cand", "f_diag", "lipschitz", "update_sq") + bound_lib.SAMPLED_COLUMNS:
-    if key in metrics:
-      value = float(metrics[key])
-      row[key] = "" if np.isnan(value) else value
-  for name, s in zip(names, np.asarray(metrics["coverage"])):
-    row[f"S_{name}"] = int(s)
-  return row
-
-
-class _Run:
-  """The mutable host-side record of a run: rows, selection history, files."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.workdir = workdir
-    self.config = config
-    self.fingerprint = workdir_lib.fingerprint(config)["sha256"]
-    self.ckpts = checkpoints_lib.RunCheckpoints(workdir, config.checkpoint_keep)
-    self.rows: list[dict] = []
-    self.history: dict[str, list] = {"masks": [], "scores": []}
-    self.layer_names: tuple[str, ...] = ()   # candidate names, for diagnostics.npz
-    self.tensorboard = metrics_writer.TensorBoardMirror(workdir)
-
-  def resume(self, initial: federated.ServerState, quiet: bool):
-    """(first round to run, state) after restoring the newest intact checkpoint."""
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, initial)
-    got = self.ckpts.restore_latest(abstract)
-    if got is None:
-      return 0, initial
-    start, state, rows_csv, history = got
-    if start > self.config.fl.num_rounds:
-      raise ConfigError(f"fl.num_rounds={self.config.fl.num_rounds} is below the {start} "
-                        f"rounds already done in {self.workdir}; raise it, or use --restart "
-                        "or another --workdir")
-    self.rows = _parse_rows(rows_csv)
-    self.history = {k: list(v) for k, v in history.items()}
-    self.history.setdefault("scores", [])
-    if not quiet:
-      print(f"resuming {self.workdir} from round {start}", flush=True)
-    # The checkpoint is the source of truth: files written after it are redone.
-    self.write_files()
-    return start, jax.device_put(state)
-
-  def history_arrays(self) -> dict[str, np.ndarray]:
-    return {k: np.stack(v) for k, v in self.history.items() if v}
-
-  def write_files(self) -> None:
-    if self.config.diagnostics.enabled:   # running columns, recomputed from all rows
-      bound_lib.add_bound_columns(self.rows, bound_lib.effective_step(
-          self.config.fl.local_steps, self.config.client_optim.lr, self.config.server_optim.lr))
-    text = _rows_csv(self.rows)
-
-    def write_csv(tmp):
-      with open(tmp, "w", newline="") as f:
-        f.write(text)
-    _write_atomic(os.path.join(self.workdir, "metrics.csv"), write_csv)
-    arrays, layers = bound_lib.split_history(self.history_arrays(), self.layer_names)
-    if layers:   # the per-layer terms ride in the checkpointed history too
-      def write_layers(tmp):
-        with open(tmp, "wb") as f:
-          np.savez(f, **layers)
-      _write_atomic(os.path.join(self.workdir, "diagnostics.npz"), write_layers)
-    sel = os.path.join(self.workdir, "selection.npz")
-    if arrays:
-      def write_npz(tmp):
-        with open(tmp, "wb") as f:
-          np.savez(f, **arrays)
-      _write_atomic(sel, write_npz)
-
-  def checkpoint(self, step: int, state: federated.ServerState) -> None:
-    with signals.critical():
-      self.write_files()
-      self.tensorboard.write(self.rows)
-      self.ckpts.save(step, state, _rows_csv(self.rows), self.history_arrays(),
-                      self.fingerprint)
-
-
-class _Divergence:
-  """Counts rounds in a row that changed nothing because every update was non-finite."""
-
-  def __init__(self, config: ml_collections.ConfigDict, setup: "Setup", workdir: str):
-    self.config, self.setup, self.workdir = config, setup, workdir
-    self.bad_in_a_row = 0
-    self.warned = False
-    self.last_saved = None
-
-  def observe(self, t: int, metrics: dict, quiet: bool) -> None:
-    bad_clients = int(metrics["clients_nonfinite"])
-    if bad_clients and not self.warned and not quiet:
-      self.warned = True
-      print(f"warning: round {t}: {bad_clients} of {self.config.fl.clients_per_round} clients "
-            "returned a non-finite loss or update and were left out of the aggregate "
-            "(counted per round in metrics.csv, clients_nonfinite)", file=sys.stderr, flush=True)
-    self.bad_in_a_row = self.bad_in_a_row + 1 if bool(metrics["round_skipped"]) else 0
-    limit = self.config.fl.max_bad_rounds
-    if self.bad_in_a_row >= limit:
-      saved = f"round {self.last_saved}" if self.last_saved is not None else "none yet"
-      raise errors.DivergedError(
-          f"training diverged: rounds {t - limit + 1}-{t} changed nothing (every update "
-          f"non-finite, fl.max_bad_rounds={limit}); likely cause: {self.cause(metrics)}; "
-          f"the last checkpoint ({saved}) in {self.workdir}/checkpoints holds finite weights")
-
-  def cause(self, metrics: dict) -> str:
-    c = self.config
-    if self.setup.nonfinite_rows:
-      return (f"{self.setup.nonfinite_rows} training examples hold NaN or inf "
-              f"(data.name={c.data.name!r})")
-    lrs = (f"client_optim.lr={c.client_optim.lr:g} ({c.client_optim.name}), "
-           f"server_optim.lr={c.server_optim.lr:g} ({c.server_optim.name})")
-    if int(metrics["clients_nonfinite"]) == 0:
-      return f"the server step overflowed: server_optim.lr too large ({lrs})"
-    return f"a learning rate too large for this model ({lrs})"
-
-  @property
-  def in_streak(self) -> bool:
-    """True while rounds change nothing: no checkpoint then, so the last one
-    written before the streak survives ``checkpoint_keep``."""
-    return self.bad_in_a_row > 0
-
-
 def claim_workdir(config: ml_collections.ConfigDict, workdir: str,
                   restart: bool = False, quiet: bool = False) -> workdir_lib.Lock:
   """Locks ``workdir`` for this run and checks it holds this run or none.
@@ -415,14 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
-  run = _Run(workdir, config)
+  run = run_record.RunRecord(workdir, config)
   run.layer_names = setup.spec.groups.names
   start, state = run.resume(setup.initial_state(), quiet)
   run.tensorboard.start(start)
-  guard = _Divergence(config, setup, workdir)
+  guard = run_record.DivergenceGuard(config, setup, workdir)
   guard.last_saved = start if start else None
   key = jax.random.key(config.seed)
-  names = setup.spec.groups.names
   num_rounds = config.fl.num_rounds
   # A live bar on a terminal; one plain line per evaluation in logs and CI.
   live = not quiet and sys.stderr.isatty()
@@ -441,11 +287,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
       ev = None
       if (t + 1) % config.eval_every == 0 or last:
         ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
-      run.rows.append(_row(t, metrics, seconds, names, ev))
-      run.rows[-1].update(selection.round_costs(setup.run_costs, metrics["masks"], rd["valid"],
-                                                metrics["scored"], rd["num_examples"]))
-      _record_selection(run, setup, config, rd, metrics)
-      bound_lib.append_layer_terms(run.history, t, metrics)
+      run_record.record_round(run, setup, t, metrics, rd, seconds, ev)
       bar.set_postfix(loss=f"{run.rows[-1]['train_loss']:.3f}",
                       acc=f"{ev['accuracy']:.3f}" if ev else "-", s=f"{seconds:.2f}")
       if ev and not live and not quiet:
@@ -468,47 +310,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
     run.tensorboard.close()
   if ev is None:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
-  final = final_metrics(setup, run, ev, state.params)
-  write_final(workdir, final)
+  final = run_record.final_metrics(setup, run, ev, state.params)
+  run_record.write_final(workdir, final)
   return final
 
 
-def final_metrics(setup: "Setup", run: _Run, ev: dict, params) -> dict[str, Any]:
-  """final.json's content: accuracy, loss, median round time, cost totals."""
-  config = setup.config
-  final = {"strategy": config.selection.strategy, "rounds": config.fl.num_rounds,
-           "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-           "median_seconds_per_round": float(np.median([float(r["seconds"]) for r in run.rows]))
-           if run.rows else float("nan"), **selection.cost_totals(run.rows)}
-  if setup.holdout is not None:
-    final["client_holdout_accuracy"] = local_only.federated_holdout(setup, params)
-  return final
-
-
-def write_final(workdir: str, final: dict[str, Any]) -> None:
-  """final.json of a finished run (atomically)."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(final, f, indent=2)
-  _write_atomic(os.path.join(workdir, "final.json"), write)
-
-
-def _record_selection(run: _Run, setup: "Setup", config, rd: dict, metrics: dict) -> None:
-  valid = rd["valid"]
-  run.history["masks"].append(np.asarray(metrics["masks"])[valid])
-  if "scores" in metrics:
-    run.history["scores"].append(np.asarray(metrics["scores"])[valid])
-  if config.selection.check_exact and "scores" in metrics:
-    run.rows[-1].update(_exact_gap(setup, rd, metrics))
-
-
-def _exact_gap(setup: Setup, rd: dict, metrics: dict) -> dict[str, float]:
-  """The in-graph solver's gap to the exact MILP on this round's scores."""
-  valid = rd["valid"]
-  scores = np.asarray(selection.normalize_scores(jnp.asarray(metrics["scores"])))[valid]
-  lam = float(rd["lam"])
-  _, info = selection.solve_p1_exact(scores, setup.costs, rd["budgets"][valid], lam,
-                                     backward=setup.backward)
-  got = float(selection.p1_objective(jnp.asarray(metrics["masks"])[valid], scores, lam))
-  best = float(info["objective"])
-  return {"exact_objective": best, "solver_gap": best - got}

@@ -6,11 +6,14 @@ sampling, init, keys). ``make_runs_fn`` vmaps ``federated.make_round_fn`` over
 the state, the round data, the learning rates and the key; the optimizers
 are built inside the trace so that a learning rate is an array, not a
 constant. Each run keeps its own workdir with exactly the files of a single
-run (``train.train_and_evaluate``, whose ``claim_workdir`` and ``_Run`` it
-uses): fingerprint.json, config.json, metrics.csv, selection.npz, TensorBoard
-events, checkpoints and final.json, and resumes from its newest intact
-checkpoint. Unlike a single run it does not stop on diverging rounds
-(``fl.max_bad_rounds``); the rows still count non-finite clients.
+run (``train.train_and_evaluate``; the same ``train.claim_workdir`` and
+``run_record`` pieces): fingerprint.json, config.json, metrics.csv (cost
+columns included), selection.npz, TensorBoard events, checkpoints and
+final.json, and resumes from its newest intact checkpoint. A run that
+diverges (``fl.max_bad_rounds`` rounds in a row that changed nothing) stops
+as a single run would: its rows are written, no checkpoint after the streak
+begins, no final.json; ``diverged.json`` holds the one-line reason, and the
+other runs of the chunk go on.
 
 Equal to R single runs because every per-client computation is invariant
 to padding the example axis (threefry bits are drawn per element, padding
@@ -20,6 +23,7 @@ rows weigh 0 and sort last, all-padding score batches are skipped).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -29,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsel_jax import bound as bound_lib
 from fedsel_jax import client as client_lib
+from fedsel_jax import errors
 from fedsel_jax import federated
+from fedsel_jax import run_record
 from fedsel_jax import train
 
 EXAMPLE_AXIS_KEYS = ("x", "y", "mask")    # round-data arrays [Mp, n_max, ...]
@@ -120,8 +125,8 @@ def _maybe_kill() -> None:
 
 
 def run_chunk(setups: list[train.Setup], workdirs: list[str], runs_fn: Callable,
-              shared_data: bool, n_max: int, quiet: bool = False) -> list[dict]:
-  """Trains (or resumes) R runs together; returns each run's final.json dict.
+              shared_data: bool, n_max: int, quiet: bool = False) -> list[dict | None]:
+  """Trains (or resumes) R runs together; each run's final.json dict (None: diverged).
 
   Every workdir is claimed as a single run claims it (lock, fingerprint,
   config.json) and resumed from its newest intact checkpoint; runs that
@@ -132,7 +137,7 @@ def run_chunk(setups: list[train.Setup], workdirs: list[str], runs_fn: Callable,
   try:
     for s, wd in zip(setups, workdirs):
       locks.append(train.claim_workdir(s.config, wd, quiet=True))
-    runs = [train._Run(lock.workdir, s.config) for s, lock in zip(setups, locks)]
+    runs = [run_record.RunRecord(lock.workdir, s.config) for s, lock in zip(setups, locks)]
     resumed = [run.resume(s.initial_state(), quiet=True) for s, run in zip(setups, runs)]
     finals: dict[int, dict] = {}
     for start in sorted({r[0] for r in resumed}):
@@ -149,55 +154,88 @@ def run_chunk(setups: list[train.Setup], workdirs: list[str], runs_fn: Callable,
       lock.release()
 
 
+def write_diverged(workdir: str, message: str) -> None:
+  """``diverged.json``: why a run stopped (a sweep's summary reports it)."""
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump({"diverged": message}, f, indent=2)
+  run_record.write_atomic(os.path.join(workdir, "diverged.json"), write)
+
+
+def _observe(guard: run_record.DivergenceGuard, run: run_record.RunRecord, t: int, m: dict
+             ) -> str | None:
+  """The divergence message if run ``run`` stops at round ``t``, else None."""
+  try:
+    guard.observe(t, m, quiet=True)
+  except errors.DivergedError as e:
+    run.write_files()      # the failed rounds' rows, for inspection; no checkpoint
+    write_diverged(run.workdir, str(e))
+    print(f"error: {e}", flush=True)
+    return str(e)
+  return None
+
+
 def _train_together(setups, runs, states, start: int, runs_fn: Callable, shared_data: bool,
-                    n_max: int, quiet: bool) -> list[dict]:
+                    n_max: int, quiet: bool) -> list[dict | None]:
   """Rounds ``start..num_rounds`` of R runs as one vmapped program."""
-  configs = [s.config for s in setups]
-  c0 = configs[0]
-  names = setups[0].spec.groups.names
+  c0 = setups[0].config
   state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
-  keys = jax.vmap(jax.random.key)(jnp.asarray([c.seed for c in configs]))
-  lrs = jnp.asarray([[c.client_optim.lr, c.server_optim.lr] for c in configs], jnp.float32)
+  keys = jax.vmap(jax.random.key)(jnp.asarray([s.config.seed for s in setups]))
+  lrs = jnp.asarray([[s.config.client_optim.lr, s.config.server_optim.lr] for s in setups],
+                    jnp.float32)
   evaluate = setups[0].evaluate      # one compiled evaluation for every run
   num_rounds, r = c0.fl.num_rounds, len(setups)
-  for run in runs:
-    run.layer_names = names
+  guards = [run_record.DivergenceGuard(s.config, s, run.workdir) for s, run in zip(setups, runs)]
+  stopped: list[str | None] = [None] * r
+  for guard, run in zip(guards, runs):
+    run.layer_names = setups[0].spec.groups.names
     run.tensorboard.start(start)
+    guard.last_saved = start if start else None
   evs = [None] * r
   try:
     for t in range(start, num_rounds):
+      if all(stopped):
+        break
       t0 = time.perf_counter()
-      rd = stack_round_data([s.round_data(t) for s in setups], shared_data, n_max)
-      state, metrics = runs_fn(state, rd, lrs, keys)
+      rds = [s.round_data(t) for s in setups]
+      state, metrics = runs_fn(state, stack_round_data(rds, shared_data, n_max), lrs, keys)
       metrics = jax.device_get(metrics)
       seconds = (time.perf_counter() - t0) / r     # the round's wall time, per run
       last = t + 1 == num_rounds
       evs = [None] * r
       if (t + 1) % c0.eval_every == 0 or last:
-        evs = [evaluate(unstack(state.params, j), s.test_x, s.test_y)
+        evs = [None if stopped[j] else evaluate(unstack(state.params, j), s.test_x, s.test_y)
                for j, s in enumerate(setups)]
       for j, (s, run) in enumerate(zip(setups, runs)):
-        m = unstack(metrics, j)
-        run.rows.append(train._row(t, m, seconds, names, evs[j]))
-        valid = rd["valid"] if shared_data else rd["valid"][j]
-        train._record_selection(run, s, s.config, {"valid": valid}, m)
-        bound_lib.append_layer_terms(run.history, t, m)
-      if evs[0] is not None and not quiet:
-        accs = [e["accuracy"] for e in evs]
-        print(f"  {r} runs round {t + 1}/{num_rounds}  test_accuracy "
-              f"{min(accs):.4f}..{max(accs):.4f}  {seconds * r:.3f} s/round", flush=True)
+        if not stopped[j]:
+          m = unstack(metrics, j)
+          run_record.record_round(run, s, t, m, rds[j], seconds, evs[j])
+          stopped[j] = _observe(guards[j], run, t, m)
+      _progress(evs, r, t, num_rounds, seconds, quiet)
       if (t + 1) % c0.checkpoint_every == 0 or last:
         for j, run in enumerate(runs):
-          run.checkpoint(t + 1, unstack(state, j))
-          _maybe_kill()
+          if not stopped[j] and not guards[j].in_streak:
+            run.checkpoint(t + 1, unstack(state, j))
+            guards[j].last_saved = t + 1
+            _maybe_kill()
   finally:
     for run in runs:
       run.ckpts.close()
       run.tensorboard.close()
-  finals = []
+  finals: list[dict | None] = []
   for j, (s, run) in enumerate(zip(setups, runs)):
+    if stopped[j]:
+      finals.append(None)
+      continue
     ev = evs[j] or evaluate(unstack(state.params, j), s.test_x, s.test_y)
-    final = train.final_metrics(s, run, ev, unstack(state.params, j))
-    train.write_final(run.workdir, final)
+    final = run_record.final_metrics(s, run, ev, unstack(state.params, j))
+    run_record.write_final(run.workdir, final)
     finals.append(final)
   return finals
+
+
+def _progress(evs, r: int, t: int, num_rounds: int, seconds: float, quiet: bool) -> None:
+  accs = [e["accuracy"] for e in evs if e is not None]
+  if accs and not quiet:
+    print(f"  {r} runs round {t + 1}/{num_rounds}  test_accuracy "
+          f"{min(accs):.4f}..{max(accs):.4f}  {seconds * r:.3f} s/round", flush=True)

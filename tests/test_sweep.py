@@ -23,7 +23,8 @@ from fedsel_jax import vmap_runs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = ["--sweep", "selection.lam=0,0.1", "--sweep", "seed=0,1"]
 COMPARED = ("train_loss", "test_loss", "test_accuracy", "penalty", "disagreement", "objective",
-            "e1", "e2", "e2_bound", "grad_sq")
+            "e1", "e2", "e2_bound", "grad_sq", "train_flops", "score_flops", "bytes_up",
+            "bytes_down")
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +233,31 @@ def test_shared_round_data_equals_stacked_round_data(data_dir):
   for k in out[0]:
     np.testing.assert_allclose(np.asarray(out[0][k]), np.asarray(out[1][k]), rtol=1e-6,
                                atol=1e-9, err_msg=k)
+
+
+def test_a_diverging_member_stops_alone_and_is_reported(data_dir, tmp_path):
+  """A vmapped member whose every update is non-finite stops after
+  fl.max_bad_rounds rounds (diverged.json, no final.json, no checkpoint after
+  the streak began); the other member finishes and matches a separate run."""
+  workdir = tmp_path / "s"
+  args = smoke_args(data_dir, workdir) + ["--config.fl.num_rounds=5", "--config.fl.max_bad_rounds=2",
+                                          "--sweep", "client_optim.lr=0.1,1e30"]
+  proc = cli("sweep", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 runs vmapped" in proc.stdout
+  bad, good = workdir / "client_optim.lr=1e+30", workdir / "client_optim.lr=0.1"
+  errs = [l for l in proc.stdout.splitlines() if l.startswith("error: training diverged")]
+  assert len(errs) == 1, proc.stdout
+  assert json.loads((bad / "diverged.json").read_text())["diverged"] in errs[0]
+  assert not (bad / "final.json").exists() and (good / "final.json").exists()
+  rows = read_csv(bad / "metrics.csv")
+  assert len(rows) == 2 and all(r["round_skipped"] == "1" for r in rows)
+  assert not glob.glob(str(bad / "checkpoints" / "*" / "*"))   # the streak began in round 0
+  summary = read_csv(workdir / "summary.csv")
+  by = {r["member"]: r for r in summary}
+  assert by[bad.name]["diverged"] and by[bad.name]["test_accuracy"] == ""
+  assert by[good.name]["diverged"] == "" and float(by[good.name]["test_accuracy"]) > 0
+  assert "(1 diverged)" in (workdir / "summary.md").read_text()
+  # Rerunning the finished sweep trains nothing and keeps the verdict.
+  again = cli("sweep", *args)
+  assert again.returncode == 0 and "runs vmapped" not in again.stdout, again.stdout
