@@ -344,8 +344,10 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
     def combine(carry, out, c):
       # The sample-mode sums (reference set = the sampled clients) ride along
       # in population mode: same gradients, no extra pass.
-      refs = (c["w_ref"], c["w_sel"])[:len(carry)]
-      return tuple(accumulate_grads(s, out[1], out[0], c["masks"], w, c["w_sel"], index)
+      losses, grads, ok = drop_nonfinite_grads(*out)
+      w_sel = c["w_sel"] * ok
+      refs = (c["w_ref"] * ok, w_sel)[:len(carry)]
+      return tuple(accumulate_grads(s, grads, losses, c["masks"], w, w_sel, index)
                    for s, w in zip(carry, refs)), None
 
     init = (init_grad_sums(params, num_candidates),) * (2 if sampled_too else 1)
@@ -375,6 +377,18 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
   return client_grads, diagnose
 
 
+def drop_nonfinite_grads(losses: jax.Array, grads: PyTree
+                         ) -> tuple[jax.Array, PyTree, jax.Array]:
+  """``(losses, grads, ok f32[C])`` with the clients whose loss or gradient at
+  theta^t is not finite zeroed (``ok`` 0): they leave both sets, as
+  non-finite updates leave the aggregate, and cannot turn the sums into NaN."""
+  ok = jnp.isfinite(losses)
+  for g in jax.tree_util.tree_leaves(grads):
+    ok &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+  zero = lambda x: jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.)
+  return zero(losses), jax.tree_util.tree_map(zero, grads), ok.astype(jnp.float32)
+
+
 def tree_sq_norm(tree: PyTree) -> jax.Array:
   """f32: squared L2 norm of a whole pytree."""
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
@@ -387,7 +401,8 @@ def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 
 def diagnose_round(diagnose: Callable, params: PyTree, rd: dict, masks: jax.Array,
                    weights: jax.Array, key: jax.Array, chunk: int, *, population: bool,
-                   grads: tuple | None = None) -> dict[str, jax.Array]:
+                   grads: tuple | None = None, aggregated: jax.Array | None = None
+                   ) -> dict[str, jax.Array]:
   """The round's diagnostics, or NaN everywhere when ``rd['diagnose']`` is False.
 
   Args:
@@ -402,17 +417,22 @@ def diagnose_round(diagnose: Callable, params: PyTree, rd: dict, masks: jax.Arra
     chunk: clients per chunk.
     population: reference set = every client (True) or the sampled ones.
     grads: the shared score pass's ``(losses, grads)`` of the sampled clients.
+    aggregated: bool[Mp], the sampled clients whose update entered the
+      aggregate (finite); the others stay in the reference set (their
+      gradient at theta^t is the theorem's) but leave the aggregation set.
+      None = all.
   """
   ids = rd["client_ids"]
+  w_sel = weights if aggregated is None else jnp.where(aggregated, weights, 0.)
 
   def run(_):
     if not population:
-      return diagnose(params, rd, masks, weights, weights, client_keys(key, ids), chunk,
+      return diagnose(params, rd, masks, weights, w_sel, client_keys(key, ids), chunk,
                       jax.random.fold_in(key, 0x7FFFFFFF), grads)
     pop = rd["population"]
     slots = pop["client_ids"].shape[0]
     pop_masks = jnp.zeros((slots, masks.shape[1]), bool).at[ids].set(masks, mode="drop")
-    sampled = jnp.zeros((slots,), jnp.float32).at[ids].set((weights > 0).astype(jnp.float32),
+    sampled = jnp.zeros((slots,), jnp.float32).at[ids].set((w_sel > 0).astype(jnp.float32),
                                                            mode="drop")
     n = pop["num_examples"].astype(jnp.float32)
     return diagnose(params, pop, pop_masks, n, n * sampled, client_keys(key, pop["client_ids"]),

@@ -441,12 +441,16 @@ def scores_from_grads(parts: RoundParts, params: PyTree, grads: PyTree,
 
 def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
                      weights: jax.Array, diag_key: jax.Array,
-                     shared: tuple | None) -> dict:
-  """The bound's terms at theta^t (diagnostics.py); NaN when ``rd['diagnose']`` is False."""
+                     shared: tuple | None, aggregated: jax.Array) -> dict:
+  """The bound's terms at theta^t (diagnostics.py); NaN when ``rd['diagnose']`` is False.
+
+  ``aggregated``: bool[Mp], the clients whose update entered the aggregate.
+  """
   _, diagnose = parts.diagnose_fns(rd["mask"].shape[1])
   return diagnostics.diagnose_round(diagnose, params, rd, masks, weights, diag_key,
                                     parts.chunk_size(masks.shape[0]),
-                                    population=parts.settings.diag_population, grads=shared)
+                                    population=parts.settings.diag_population, grads=shared,
+                                    aggregated=aggregated)
 
 
 def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
@@ -546,7 +550,8 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     metrics["update_sq"] = diagnostics.tree_sq_norm(
         jax.tree_util.tree_map(jnp.subtract, new_params, state.params))
     if settings.diagnostics:
-      metrics.update(diagnostics_step(parts, state.params, rd, masks, weights, diag_key, shared))
+      metrics.update(diagnostics_step(parts, state.params, rd, masks, weights, diag_key, shared,
+                                      finite & valid))
 
     good = finite & valid
     p_good = jnp.where(good, p, 0.)

@@ -141,6 +141,42 @@ def test_sampled_clients_match_closed_form(shared):
   np.testing.assert_allclose(out["lipschitz"], ref["L"], rtol=1e-5)
 
 
+def test_client_left_out_of_the_aggregate_leaves_the_aggregation_set_only():
+  """A client whose update was non-finite (not aggregated) keeps its place in the
+  reference set but not in S_l: the terms are the closed form's with it sampled
+  but unselected."""
+  params = init_params()
+  data = clients([7, 5, 9, 4, 6, 8])
+  masks = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], bool)
+  valid = np.array([1, 1, 1, 1, 1, 0], bool)
+  aggregated = valid & (np.arange(6) != 1)                  # client 1's update was NaN
+  w = np.where(valid, data["num_examples"], 0).astype(np.float32)
+  rd = dict(data, client_ids=np.arange(6, dtype=np.int32), diagnose=np.bool_(True))
+  index = masks_lib.group_index(params, GROUPS)
+  _, diagnose = diag.make_diagnose_fn(loss_fn, index, K, scan=federated.scan_client_chunks,
+                                      batch_size=B, n_max=data["x"].shape[1])
+  out = jax.device_get(jax.jit(lambda r, a: diag.diagnose_round(
+      diagnose, params, r, masks, w, jax.random.key(0), 2, population=False, aggregated=a))(
+          rd, aggregated))
+  check_terms(out, closed_form(params, data, masks, valid.astype(float),
+                               aggregated.astype(float)))
+
+
+def test_client_with_nonfinite_gradient_leaves_both_sets():
+  """NaN data: that client's gradient at theta^t is NaN; the terms are those of the
+  other clients (finite), not NaN."""
+  params = init_params()
+  data = clients([7, 5, 9, 4, 6, 8])
+  masks = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], bool)
+  valid = np.array([1, 1, 1, 1, 1, 0], bool)
+  bad = dict(data, x=data["x"].copy())
+  bad["x"][2, 0, 0] = np.nan
+  w = np.where(valid, data["num_examples"], 0).astype(np.float32)
+  out = run_diagnose(params, bad, masks, w, w)
+  keep = valid & (np.arange(6) != 2)
+  check_terms(out, closed_form(params, data, masks, keep.astype(float), keep.astype(float)))
+
+
 def test_population_mode_matches_closed_form():
   params = init_params(5)
   data = clients([7, 5, 9, 4, 6, 8, 3, 10], seed=2)
