@@ -40,6 +40,11 @@ from fedsel_jax import run_record
 from fedsel_jax import train
 
 EXAMPLE_AXIS_KEYS = ("x", "y", "mask")    # round-data arrays [Mp, n_max, ...]
+# Round-level flags, equal in every run of a group (they depend on the round
+# and on fields that are not run-axis fields): never given the run axis, so
+# the round's lax.conds on them stay conds under vmap (a batched predicate
+# would run the diagnostics and the score pass in every round, as selects).
+ROUND_FLAGS = ("diagnose", "reselect")
 # Fault injection for the resume test: SIGKILL after this many checkpoint saves.
 KILL_ENV = "FEDSEL_SWEEP_KILL_AFTER_SAVES"
 _saves = 0
@@ -79,7 +84,8 @@ def make_runs_fn(setup: train.Setup, shared_data: bool) -> Callable:
     return round_fn(state, rd, key)
 
   def runs_fn(states, rd, lrs, keys):
-    rd_axes = {k: (0 if k == "lam" or not shared_data else None) for k in rd}
+    rd_axes = {k: (0 if k == "lam" or not (shared_data or k in ROUND_FLAGS) else None)
+               for k in rd}
     return jax.vmap(one_run, in_axes=(0, rd_axes, 0, 0))(states, rd, lrs, keys)
 
   return jax.jit(runs_fn, donate_argnums=0)
@@ -98,12 +104,17 @@ def pad_examples(rd: dict[str, np.ndarray], n_max: int) -> dict[str, np.ndarray]
 def stack_round_data(rds: list[dict], shared_data: bool, n_max: int) -> dict:
   """One round's data of R runs: arrays gain a leading run axis.
 
-  With ``shared_data`` only ``lam`` is stacked (the runs differ in nothing else).
+  With ``shared_data`` only ``lam`` is stacked (the runs differ in nothing else);
+  the :data:`ROUND_FLAGS` never are.
   """
   if shared_data:
     return dict(rds[0], lam=np.stack([r["lam"] for r in rds]))
   padded = [pad_examples(r, n_max) for r in rds]
-  return {k: np.stack([r[k] for r in padded]) for k in rds[0]}
+  for k in ROUND_FLAGS:
+    if k in rds[0] and any(r[k] != rds[0][k] for r in rds):
+      raise ValueError(f"round flag {k!r} differs between the runs of a vmapped group")
+  return {k: (rds[0][k] if k in ROUND_FLAGS else np.stack([r[k] for r in padded]))
+          for k in rds[0]}
 
 
 def unstack(tree: Any, j: int) -> Any:

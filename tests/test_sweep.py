@@ -261,3 +261,28 @@ def test_a_diverging_member_stops_alone_and_is_reported(data_dir, tmp_path):
   # Rerunning the finished sweep trains nothing and keeps the verdict.
   again = cli("sweep", *args)
   assert again.returncode == 0 and "runs vmapped" not in again.stdout, again.stdout
+
+
+def test_round_flags_stay_conditionals_across_seeds(data_dir):
+  """Members with different seeds (stacked round data): 'diagnose' and 'reselect'
+  carry no run axis, so the diagnostics pass stays a lax.cond under vmap (a
+  batched predicate turns it into a select that runs it every round)."""
+  import jax.numpy as jnp
+  setups = []
+  for seed in (0, 1):
+    c = digits_config.get_config("smoke")
+    c.data.data_dir = data_dir
+    c.seed = seed
+    c.diagnostics.every = 2
+    setups.append(train.Setup(c))
+  n_max = max(s.clients.mask.shape[1] for s in setups)
+  rd = vmap_runs.stack_round_data([s.round_data(0) for s in setups], False, n_max)
+  assert np.ndim(rd["diagnose"]) == 0 and np.ndim(rd["reselect"]) == 0
+  assert np.ndim(rd["budgets"]) == 2                      # per-run data keeps its axis
+  states = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[s.initial_state() for s in setups])
+  keys = jax.vmap(jax.random.key)(jnp.arange(2))
+  lrs = jnp.asarray([[0.1, 1.0]] * 2, jnp.float32)
+  text = str(jax.make_jaxpr(vmap_runs.make_runs_fn(setups[0], False))(states, rd, lrs, keys))
+  assert "cond[" in text
+  with pytest.raises(ValueError, match="diagnose"):
+    vmap_runs.stack_round_data([setups[0].round_data(0), setups[1].round_data(1)], False, n_max)
