@@ -21,6 +21,10 @@ real example counts once, a short last batch weighs by its size):
 * ``sampled``: a fresh uniform random subset of ``batches`` x B real examples
   (without replacement; all of them if the client has fewer), drawn from the
   per-(seed, round, client) key: an unbiased estimate of the full gradient.
+* ``score``: the round's score batches (``selection.sel_batches`` x B real
+  examples drawn uniformly per (seed, round, client), ``scores.draw_score_batches``):
+  as unbiased as ``sampled``, and the score pass's gradients serve the
+  diagnostics, so they cost no extra pass (score-based strategies only).
 
 Everything streams over chunks of clients through the round's chunk scanner:
 a round never holds more than a chunk's gradients (except when one gradient
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
-ESTIMATORS = ("full", "sampled")
+ESTIMATORS = ("full", "sampled", "score")
 # Population mode also logs these sample-mode terms (suffix ``_sampled``).
 SAMPLED_TERMS = ("e1", "e2", "e2_bound", "grad_sq", "e2_layers")
 
@@ -55,7 +59,7 @@ def num_diag_batches(n_max: int, batch_size: int, estimator: str, batches: int) 
   full = math.ceil(n_max / batch_size)
   if estimator == "full":
     return full
-  if estimator == "sampled":
+  if estimator in ("sampled", "score"):
     if batches < 1:
       raise ValueError(f"diagnostics.batches must be >= 1, got {batches}")
     return min(batches, full)

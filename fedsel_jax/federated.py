@@ -118,13 +118,18 @@ class RoundSettings:
   def shares_score_pass(self) -> bool:
     """Whether one gradient pass serves the scores and the diagnostics.
 
-    True when both need the example-weighted gradient of all the sampled
-    clients' data: scores over all data (``sel_batches`` 0) of a kind that
-    reads only the mean gradient, and the ``full`` estimator in sample mode.
-    The sampled clients' gradients are then kept until the diagnostics.
+    True in sample mode (not population) when the estimator is ``score``
+    (the diagnostics read the score pass's own batches, any score kind), or
+    when both need the example-weighted gradient of all the sampled clients'
+    data: scores over all data (``sel_batches`` 0) of a kind that reads only
+    the mean gradient, and the ``full`` estimator. The sampled clients'
+    gradients are then kept until the diagnostics.
     """
-    return (self.diagnostics and self.diag_estimator == "full" and not self.diag_population
-            and self.sel_batches <= 0 and self.score_kind in ("gradnorm", "rgn"))
+    if not self.diagnostics or self.diag_population or self.score_kind is None:
+      return False
+    return self.diag_estimator == "score" or (
+        self.diag_estimator == "full" and self.sel_batches <= 0
+        and self.score_kind in ("gradnorm", "rgn"))
 
   @property
   def score_kind(self) -> str | None:
@@ -267,13 +272,22 @@ class RoundParts:
     return chunk
 
   def diagnose_fns(self, n_max: int) -> tuple[Callable, Callable]:
-    """``diagnostics.make_diagnose_fn`` for this round's settings."""
+    """``diagnostics.make_diagnose_fn`` for this round's settings.
+
+    With the ``score`` estimator the gradients come from the score pass; the
+    power iteration's Hessian-vector products then use a ``sampled`` draw of
+    as many batches as the scores (docs/diagnostics.md).
+    """
     s = self.settings
+    estimator, batches = s.diag_estimator, s.diag_batches
+    if estimator == "score":
+      estimator = "sampled"
+      batches = scores_lib.num_score_batches(n_max, s.batch_size, s.sel_batches)
     return diagnostics.make_diagnose_fn(
         self.loss_fn, self.index, self.k,
         scan=functools.partial(scan_client_chunks, constrain=self.constrain),
-        batch_size=s.batch_size, n_max=n_max, estimator=s.diag_estimator,
-        batches=s.diag_batches, power_iters=s.diag_power_iters, unroll=s.unroll)
+        batch_size=s.batch_size, n_max=n_max, estimator=estimator,
+        batches=batches, power_iters=s.diag_power_iters, unroll=s.unroll)
 
   def grad_stats_fn(self, n_max: int, variance: str | None) -> Callable:
     """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""
@@ -414,29 +428,47 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
 
 
 def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
-                      diag_key: jax.Array) -> tuple[jax.Array, PyTree] | None:
-  """The sampled clients' ``(losses f32[Mp], grads [Mp, ...])`` at theta^t when one
-  pass serves scores and diagnostics (``settings.shares_score_pass``), else None.
+                      diag_key: jax.Array, score_key: jax.Array
+                      ) -> tuple[jax.Array, PyTree, jax.Array] | None:
+  """``(losses f32[Mp], grads [Mp, ...], scores f32[Mp, K])`` of the sampled clients at
+  theta^t when one pass serves scores and diagnostics (``settings.shares_score_pass``),
+  else None.
 
-  Skipped (zeros) on rounds that need neither.
+  With the ``score`` estimator the pass is the score pass itself (same
+  batches, same keys, so the scores and the training do not depend on the
+  diagnostics); otherwise the ``full`` estimator's pass, scored from its
+  mean gradients. Skipped (zeros) on rounds that need neither; the scores
+  are zeros on rounds where no client needs a new mask.
   """
-  if not parts.settings.shares_score_pass:
+  settings = parts.settings
+  if not settings.shares_score_pass:
     return None
-  grads_fn, _ = parts.diagnose_fns(rd["mask"].shape[1])
   ids = rd["client_ids"]
-  run = lambda _: grads_fn(params, rd, diagnostics.client_keys(diag_key, ids),
-                           parts.chunk_size(ids.shape[0]))
+  chunk = parts.chunk_size(ids.shape[0])
+  kind = settings.score_kind
+  if settings.diag_estimator == "score":
+    stats_fn = parts.grad_stats_fn(rd["mask"].shape[1], scores_lib.VARIANCE.get(kind))
+
+    def client(p, c):
+      stats = stats_fn(p, c["data"], c["key"])
+      return (stats["loss"], stats["mean_grad"],
+              scores_lib.scores_from_stats(kind, stats, p, parts.index, parts.k))
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
+    run = lambda _: scan_client_chunks(client, params, dict(data=_client_data(rd), key=keys),
+                                       chunk, constrain=parts.constrain)[1]
+  else:
+    grads_fn, _ = parts.diagnose_fns(rd["mask"].shape[1])
+
+    def run(_):
+      losses, grads = grads_fn(params, rd, diagnostics.client_keys(diag_key, ids), chunk)
+      scores = jax.vmap(lambda g: scores_lib.scores_from_stats(
+          kind, {"mean_grad": g}, params, parts.index, parts.k))(grads)
+      return losses, grads, scores
   zeros = lambda _: jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(run, None))
-  return jax.lax.cond(jnp.any(need) | rd.get("diagnose", True), run, zeros, None)
-
-
-def scores_from_grads(parts: RoundParts, params: PyTree, grads: PyTree,
-                      need: jax.Array) -> jax.Array:
-  """f32[Mp, K] scores from the shared pass's example-weighted gradients."""
-  kind = parts.settings.score_kind
-  scores = jax.vmap(lambda g: scores_lib.scores_from_stats(
-      kind, {"mean_grad": g}, params, parts.index, parts.k))(grads)
-  return jnp.where(jnp.any(need), scores, 0.)
+  losses, grads, scores = jax.lax.cond(jnp.any(need) | rd.get("diagnose", True), run, zeros,
+                                       None)
+  return losses, grads, jnp.where(jnp.any(need), scores, 0.)
 
 
 def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
@@ -533,11 +565,12 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     need = (rd["reselect"] | ~seen) & valid
 
     diag_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 0xD1A6)
-    shared = shared_grads_step(parts, state.params, rd, need, diag_key)
+    shared = shared_grads_step(parts, state.params, rd, need, diag_key, score_key)
     if shared is None:
       scores = scores_step(parts, state.params, rd, need, score_key)
     else:
-      scores = scores_from_grads(parts, state.params, shared[1], need)
+      losses0, grads0, scores = shared
+      shared = (losses0, grads0)
     masks, metrics = selection_step(parts, state, rd, scores, need, sel_key)
     agg, losses, finite = train_step(parts, state.params, rd, masks, client_keys, weights)
     mean_delta, covered = aggregate.finalize(agg, index)

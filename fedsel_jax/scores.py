@@ -161,14 +161,16 @@ def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
     the example-weighted mean gradient; fixed leaves are not differentiated:
     zeros), ``batch_sq`` (f32[K], weighted mean of ``||g_{b,l}||^2``),
     ``num_examples`` (f32, real examples drawn), ``num_batches`` (f32,
-    non-empty batches) and, with ``variance``, ``var`` (pytree, per-parameter
+    non-empty batches), ``loss`` (f32, the example-weighted mean loss over
+    the drawn examples) and, with ``variance``, ``var`` (pytree, per-parameter
     population variance).
   """
   if variance not in (None, "batch", "example"):
     raise ValueError(f"variance must be None, 'batch' or 'example', got {variance!r}")
   diff = jax.tree_util.tree_map(lambda k: k != masks_lib.FIXED, index)
-  grad_fn = jax.grad(lambda p, *a: loss_fn(jax.tree_util.tree_map(
-      lambda d, x: x if d else jax.lax.stop_gradient(x), diff, p), *a))
+  stopped = lambda p, *a: loss_fn(jax.tree_util.tree_map(
+      lambda d, x: x if d else jax.lax.stop_gradient(x), diff, p), *a)
+  grad_fn, value_and_grad = jax.grad(stopped), jax.value_and_grad(stopped)
 
   def grad_stats(params, data, key):
     data = jax.tree_util.tree_map(jnp.asarray, data)
@@ -176,26 +178,28 @@ def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def body(carry, inputs):
-      moments, sq, nb = carry
+      moments, sq, nb, loss_sum = carry
       r, w, k = inputs
       n_b = jnp.sum(w)
       x, y = data["x"][r], data["y"][r]
       if variance == "example":
         g, m2 = _example_moments(grad_fn, params, x, y, w, k)
+        loss = loss_fn(params, x, y, w, k)
       else:
-        g = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32),
-                                   grad_fn(params, x, y, w, k))
+        loss, g = value_and_grad(params, x, y, w, k)
+        g = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), g)
         m2 = None
       moments = combine_moments(moments, g, m2, n_b)
       sq = sq + n_b * masks_lib.group_sq_norms(g, index, num_candidates)
-      return (moments, sq, nb + (n_b > 0).astype(jnp.float32)), None
+      return (moments, sq, nb + (n_b > 0).astype(jnp.float32), loss_sum + n_b * loss), None
 
-    init = ((zeros, zeros, jnp.zeros(())), jnp.zeros((num_candidates,)), jnp.zeros(()))
-    ((mean, m2, total), sq, nb), _ = jax.lax.scan(body, init, (rows, weights, keys),
-                                                  unroll=unroll)
+    init = ((zeros, zeros, jnp.zeros(())), jnp.zeros((num_candidates,)), jnp.zeros(()),
+            jnp.zeros(()))
+    ((mean, m2, total), sq, nb, loss_sum), _ = jax.lax.scan(body, init, (rows, weights, keys),
+                                                            unroll=unroll)
     total_safe = jnp.maximum(total, 1.0)
     out = dict(mean_grad=mean, batch_sq=sq / total_safe, num_examples=total,
-               num_batches=nb)
+               num_batches=nb, loss=loss_sum / total_safe)
     if variance is not None:
       out["var"] = jax.tree_util.tree_map(lambda s: s / total_safe, m2)
     return out

@@ -197,6 +197,24 @@ def _check_cross_fields(config) -> None:
   if b.kind in ("uniform", "truncnorm") and b.low > b.high:
     raise ConfigError(f"selection.budget.low={b.low} must be <= selection.budget.high={b.high}")
   _check_baselines(config)
+  _check_diagnostics(config)
+
+
+def _check_diagnostics(config) -> None:
+  """The ``score`` estimator reads the score pass: a score-based strategy, sample mode."""
+  from fedsel_jax import federated
+  d = config.diagnostics
+  if not d.enabled or d.estimator != "score":
+    return
+  if d.population:
+    raise ConfigError("diagnostics.estimator='score' needs diagnostics.population=False (the "
+                      "score pass covers the sampled clients only); use 'full' or 'sampled'")
+  kind, _ = federated.STRATEGIES[config.selection.strategy]
+  if kind is None:
+    with_scores = sorted(s for s, (k, _) in federated.STRATEGIES.items() if k is not None)
+    raise ConfigError(f"diagnostics.estimator='score' needs a strategy that computes scores, "
+                      f"got selection.strategy={config.selection.strategy!r}; use one of "
+                      f"{with_scores}, or diagnostics.estimator='sampled'")
 
 
 def _check_baselines(config) -> None:

@@ -310,6 +310,45 @@ def test_logged_round_metrics_match_closed_form(strategy, sel_batches):
       np.testing.assert_allclose(m["scores"][i], gn, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy,score", [("proposed", "gradnorm"), ("snr", "snr")])
+def test_score_estimator_reads_the_score_batches_without_changing_training(strategy, score):
+  """estimator='score': E1/E2/kappa/f match the closed form on exactly the rows the
+  score pass drew (scores.draw_score_batches with the score key), and the round's
+  masks, scores and new model equal those of the same round with 'sampled'."""
+  from fedsel_jax import scores as scores_lib
+  data = clients([7, 5, 9, 4, 6, 8, 3, 10], seed=6)
+  ids = np.array([1, 2, 4, 7])
+  rd = round_data(data, ids, 1.0)
+  got = {}
+  for est in ("score", "sampled"):
+    params, state, fn = make_round(strategy, score=score, sel_batches=2, diag_estimator=est,
+                                   diag_batches=2)
+    assert federated.RoundSettings(strategy, score=score, sel_batches=2,
+                                   diag_estimator=est).shares_score_pass == (est == "score")
+    got[est] = fn(state, rd, jax.random.key(7))
+  (new_s, m), (new_o, m_o) = got["score"], got["sampled"]
+  np.testing.assert_array_equal(m["masks"], m_o["masks"])
+  np.testing.assert_array_equal(m["scores"], m_o["scores"])
+  np.testing.assert_array_equal(flat(new_s.params), flat(new_o.params))
+  assert not np.allclose(m["grad_sq"], m_o["grad_sq"])  # another draw: other estimates
+  # The rows the score pass drew, as round_fn derives the score key.
+  score_key = jax.random.split(jax.random.fold_in(jax.random.key(7), 0), 3)[2]
+  sub = {f: data[f][ids] for f in data}
+  xs, ys, counts = [], [], []
+  for i, c in enumerate(ids):
+    rows, w, _ = scores_lib.draw_score_batches(jnp.asarray(sub["mask"][i]),
+                                               jax.random.fold_in(score_key, int(c)), 2, B)
+    keep = np.asarray(rows).ravel()[np.asarray(w).ravel() > 0]
+    xs.append(sub["x"][i, keep]), ys.append(sub["y"][i, keep]), counts.append(len(keep))
+  n_max = max(counts)
+  drawn = dict(x=np.stack([np.pad(x, ((0, n_max - len(x)), (0, 0))) for x in xs]),
+               y=np.stack([np.pad(y, (0, n_max - len(y))) for y in ys]),
+               num_examples=np.asarray(counts, np.int32))
+  w = sub["num_examples"] / drawn["num_examples"]     # clients still weigh n_i
+  ref = closed_form(params, drawn, np.asarray(m["masks"]), w, w)
+  check_terms({k: v for k, v in m.items()}, ref)
+
+
 def test_logged_population_metrics_match_closed_form():
   params, state, fn = make_round("random", diag_population=True)
   data = clients([7, 5, 9, 4, 6, 8, 3, 10], seed=4)
