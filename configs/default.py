@@ -117,7 +117,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.selection.lam = 0.05
   c.selection.sel_gap = 1        # re-select every sel_gap rounds
   c.selection.sel_batches = 1    # score minibatches per client (0 = all its data)
-  c.selection.cost = "unit"      # unit | params | flops
+  # Budgets in: unit (the paper's) | params | flops (depth-aware training
+  # FLOPs) | memory (depth-aware training memory, measured: memory_costs.py).
+  c.selection.cost = "unit"
   c.selection.check_exact = False  # log the in-graph solver's gap to the exact MILP
   c.selection.solver_starts = 4
   c.selection.budget = ml_collections.ConfigDict()

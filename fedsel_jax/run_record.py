@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from fedsel_jax import bound as bound_lib
 from fedsel_jax import checkpoints as checkpoints_lib
+from fedsel_jax import costs as costs_lib
 from fedsel_jax import errors
 from fedsel_jax import local_only
 from fedsel_jax import metrics_writer
@@ -191,6 +192,11 @@ def record_round(run: RunRecord, setup, t: int, metrics: dict, rd: dict, seconds
   row = metrics_row(t, metrics, seconds, setup.spec.groups.names, ev)
   row.update(selection.round_costs(setup.run_costs, metrics["masks"], rd["valid"],
                                    metrics["scored"], rd["num_examples"]))
+  if getattr(setup, "memory", None) is not None:   # selection.cost='memory': the peak client
+    m = setup.memory
+    need = m.constant + np.asarray(costs_lib.depth_set_cost(metrics["masks"], m.weight,
+                                                        m.backward))
+    row["train_memory_mb"] = float(np.max(need[np.asarray(rd["valid"])])) / 2 ** 20
   run.rows.append(row)
   _record_selection(run, setup, setup.config, rd, metrics)
   bound_lib.append_layer_terms(run.history, t, metrics)

@@ -22,6 +22,7 @@ from fedsel_jax import errors
 from fedsel_jax import federated
 from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
+from fedsel_jax import memory_costs
 from fedsel_jax import models
 from fedsel_jax import run_record
 from fedsel_jax import selection
@@ -102,7 +103,15 @@ class Setup:
     # Forward FLOPs per example (fixed, blocks, common): depth-aware budgets and cost logs.
     self.flops = selection.model_forward_flops(self.spec.module, self.spec.example_input,
                                                self.spec.groups)
-    self.costs, self.backward = selection.budget_costs(sel.cost, sizes, self.flops)
+    self.memory = None    # the memory cost model in bytes (selection.cost='memory')
+    if sel.cost == "memory":
+      b = min(config.fl.batch_size, self.clients.mask.shape[1])
+      self.memory = memory_costs.memory_depth_costs(
+          client_lib.make_loss_fn(self.spec.module.apply), self.params, self.index, self.k,
+          self.clients.x[0, :b], self.clients.y[0, :b], config.client_optim.name)
+      self.costs, self.backward = memory_costs.budget_costs(self.memory)
+    else:
+      self.costs, self.backward = selection.budget_costs(sel.cost, sizes, self.flops)
     self.run_costs = selection.make_run_costs(
         self.params, self.index, self.k, self.flops, local_steps=config.fl.local_steps,
         batch_size=config.fl.batch_size, sel_batches=sel.sel_batches,

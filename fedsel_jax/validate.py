@@ -19,7 +19,7 @@ import ml_collections
 from fedsel_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-COSTS = ("unit", "params", "flops")
+COSTS = ("unit", "params", "flops", "memory")
 BUDGETS = ("fixed", "uniform", "truncnorm")
 DTYPES = ("float32", "bfloat16")
 TASKS = ("pronoun", "genre", "play")

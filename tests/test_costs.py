@@ -9,8 +9,7 @@ import pytest
 
 from fedsel_jax import costs as costs_lib
 from fedsel_jax import train
-from tests.test_train import data_dir  # pylint: disable=unused-import
-from tests.test_train import smoke_config
+from tests.helpers import smoke_config
 
 # 3 blocks: forward FLOPs per example 10, 20, 30; head 5; stem 7.
 RUN = costs_lib.RunCosts(fixed_flops=7.0, block_flops=np.array([10.0, 20.0, 30.0]),

@@ -9,8 +9,8 @@ import pytest
 
 from fedsel_jax import bound
 from fedsel_jax import train
-from tests.test_train import run_cli, smoke_config
-from tests.test_train import data_dir  # noqa: F401  (the shared prepared-digits fixture)
+from tests.helpers import smoke_config
+from tests.test_train import run_cli
 
 
 def read(workdir):
@@ -20,7 +20,7 @@ def read(workdir):
     return rows, {k: f[k] for k in f.files}
 
 
-def test_population_run_logs_the_bound_and_resumes_exactly(data_dir, tmp_path):  # noqa: F811
+def test_population_run_logs_the_bound_and_resumes_exactly(data_dir, tmp_path):
   over = {"diagnostics.population": True, "diagnostics.power_iters": 3,
           "diagnostics.every": 2, "fl.num_rounds": 3}
   config = smoke_config(data_dir, **over)
@@ -74,7 +74,7 @@ def test_bound_columns_by_hand():
     ("--config.diagnostics.population_max_mb=0.001",
      "diagnostics.population must be False for this federation"),
 ])
-def test_cli_bad_diagnostics_is_one_line_exit_2(data_dir, tmp_path, override, needle):  # noqa: F811
+def test_cli_bad_diagnostics_is_one_line_exit_2(data_dir, tmp_path, override, needle):
   proc, _ = run_cli("--config", "configs/digits.py:smoke", "--workdir", str(tmp_path),
                     f"--config.data.data_dir={data_dir}", "--config.diagnostics.population=True",
                     override)

@@ -11,15 +11,7 @@ import pytest
 from fedsel_jax import client as client_lib
 from fedsel_jax import local_only
 from fedsel_jax import train
-from tests.test_train import smoke_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from fedsel_jax import datasets
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.load_dataset(smoke_config(path).data)
-  return path
+from tests.helpers import smoke_config
 
 
 def test_split_parts_is_disjoint_seeded_and_keeps_a_training_row():

@@ -17,6 +17,7 @@ from fedsel_jax import train
 from fedsel_jax.models import __main__ as models_cli
 from fedsel_jax.models import build_model
 from fedsel_jax.models import lora
+from tests.helpers import smoke_config
 
 TINY_BERT = dict(name="bert", pretrained="", vocab_size=50, hidden_size=16, num_layers=2,
                  num_heads=2, intermediate_size=24, max_position_embeddings=16, max_len=8)
@@ -208,15 +209,7 @@ def test_list_shows_adapter_groups():
 
 # ---------------------------------------------------------------- end to end
 
-from tests.test_train import run_cli, smoke_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from fedsel_jax import datasets
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.load_dataset(smoke_config(path).data)
-  return path
+from tests.test_train import run_cli  # noqa: E402
 
 
 @pytest.mark.parametrize("strategy,within", [("lora", False), ("proposed", True)])

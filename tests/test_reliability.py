@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits as digits_config
 from fedsel_jax import aggregate
 from fedsel_jax import checkpoints
 from fedsel_jax import errors
@@ -30,28 +29,9 @@ from fedsel_jax import masks as masks_lib
 from fedsel_jax import train
 from fedsel_jax import workdir as workdir_lib
 from fedsel_jax.evaluate import make_eval_fn
+from tests.helpers import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from fedsel_jax import datasets
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.load_dataset(smoke_config(path).data)   # prepare digits once
-  return path
-
-
-def smoke_config(data_dir, **overrides):
-  c = digits_config.get_config("smoke")
-  c.data.data_dir = data_dir
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 def cli_args(data_dir, workdir, *extra):

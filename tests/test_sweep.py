@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from fedsel_jax import datasets
 from fedsel_jax import plot as plot_cli
 from fedsel_jax import stats
 from fedsel_jax import sweep_spec
@@ -25,15 +24,6 @@ SWEEP = ["--sweep", "selection.lam=0,0.1", "--sweep", "seed=0,1"]
 COMPARED = ("train_loss", "test_loss", "test_accuracy", "penalty", "disagreement", "objective",
             "e1", "e2", "e2_bound", "grad_sq", "train_flops", "score_flops", "bytes_up",
             "bytes_down")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  c = digits_config.get_config("smoke")
-  c.data.data_dir = path
-  datasets.load_dataset(c.data)   # prepare digits once
-  return path
 
 
 def cli(module, *args, env=None, timeout=600):

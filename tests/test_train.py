@@ -11,29 +11,10 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from fedsel_jax import datasets
 from fedsel_jax import train
+from tests.helpers import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.load_dataset(smoke_config(path).data)   # prepare digits once
-  return path
-
-
-def smoke_config(data_dir, **overrides):
-  c = digits_config.get_config("smoke")
-  c.data.data_dir = data_dir
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 def test_smoke_run_writes_metrics_and_resumes_bit_for_bit(data_dir, tmp_path):
