@@ -56,3 +56,13 @@ def test_run_logs_costs_per_round_and_totals(data_dir, tmp_path):  # pylint: dis
   # Depth-aware budgets: the cheapest single block costs 1 budget unit.
   assert setup.backward is not None
   assert np.min(setup.costs + setup.backward[:-1]) == pytest.approx(1.0)
+
+
+def test_a_budget_of_one_cheapest_set_is_affordable_despite_float32_rounding():
+  """Depth-aware costs are in units of the cheapest one-block set; its float32
+  cost may round above 1, and a budget of exactly 1 must still afford it."""
+  for k in (3, 12, 24, 48):
+    costs, backward = costs_lib.budget_costs("flops", np.ones(k), (0.0, np.ones(k), 0.1))
+    costs_lib.check_budgets(np.ones(5, np.float32), costs, backward)
+  with pytest.raises(ValueError, match="selection.budget"):
+    costs_lib.check_budgets(np.full(5, 0.99, np.float32), costs, backward)
