@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -41,6 +41,13 @@ import optax
 
 from fedsel_jax import aggregate
 from fedsel_jax import client as client_lib
+# Re-exported: the round's chunk machinery (callers use federated.scan_client_chunks).
+from fedsel_jax.chunks import group_order
+from fedsel_jax.chunks import identity
+from fedsel_jax.chunks import padded_clients  # noqa: F401
+from fedsel_jax.chunks import pick_variant
+from fedsel_jax.chunks import scan_client_chunks
+from fedsel_jax.chunks import variant_cost  # noqa: F401
 from fedsel_jax import diagnostics
 from fedsel_jax import scores as scores_lib
 from fedsel_jax import selection
@@ -139,65 +146,6 @@ class RoundSettings:
     return kind
 
 
-def padded_clients(m: int, chunk: int) -> int:
-  """Number of client slots after padding M up to a multiple of the chunk."""
-  chunk = m if chunk <= 0 else min(chunk, m)
-  return -(-m // chunk) * chunk
-
-
-def _chunks(tree: PyTree, chunk: int) -> PyTree:
-  return jax.tree_util.tree_map(lambda a: a.reshape((-1, chunk) + a.shape[1:]), tree)
-
-
-def _identity(tree: PyTree) -> PyTree:
-  return tree
-
-
-def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree,
-                       clients: PyTree, chunk: int, *, init: PyTree = None,
-                       combine: Callable | None = None, branch: Callable | None = None,
-                       constrain: Callable = _identity) -> tuple[PyTree, PyTree]:
-  """``lax.scan`` over chunks of a per-client function vmapped over each chunk.
-
-  The one place a round vectorises clients: memory holds one chunk's
-  per-client outputs at a time, and ``combine`` folds them into a carry
-  (aggregation sums) before the next chunk.
-
-  Args:
-    client_fns: ``fn(shared, client) -> out`` for ONE client, or a static
-      list of variants of it (then ``branch`` picks one per chunk).
-    shared: pytree read by every client (unbatched, e.g. theta^t).
-    clients: pytree with leading axis Mp (client slots), Mp % chunk == 0.
-    chunk: clients vmapped together.
-    init: initial carry of ``combine``.
-    combine: ``combine(carry, outs, chunk_clients) -> (carry, kept)`` with
-      ``outs`` the chunk's outputs ``[C, ...]``; ``kept`` (leading axis C) is
-      stacked over all slots. Default: keep ``outs``, carry unchanged.
-    branch: ``branch(chunk_clients) -> int32`` index into ``client_fns``
-      (chunk-level ``lax.switch``; unbatched, so only one variant runs).
-    constrain: applied to each chunk's clients (sharding of the client axis).
-
-  Returns:
-    ``(carry, kept)`` with kept's leaves ``[Mp, ...]``.
-  """
-  fns = [client_fns] if callable(client_fns) else list(client_fns)
-  combine = combine or (lambda carry, outs, _: (carry, outs))
-  # Each variant combines its own outputs: variants may differ in what they
-  # return (a client update's delta covers only the variant's leaves).
-  chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
-               for f in fns]
-
-  def body(carry, c):
-    c = constrain(c)
-    if branch is None:
-      return chunk_fns[0](carry, c)
-    return jax.lax.switch(branch(c), chunk_fns, carry, c)
-
-  carry, kept = jax.lax.scan(body, init, _chunks(clients, chunk))
-  mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
-  return carry, jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
-
-
 def select_masks(settings: RoundSettings, scores: jax.Array | None, costs: jax.Array,
                  budgets: jax.Array, lam: jax.Array, valid: jax.Array,
                  key: jax.Array, client_ids: jax.Array, backward=None) -> jax.Array:
@@ -254,7 +202,7 @@ class RoundParts:
   costs: jax.Array
   variants: tuple[tuple[int, ...], ...]
   updates: tuple[Callable, ...]
-  constrain: Callable = _identity
+  constrain: Callable = identity
   backward: jax.Array | None = None
 
   def variant_table(self) -> np.ndarray:
@@ -346,45 +294,6 @@ def selection_step(parts: RoundParts, state: ServerState, rd: dict, scores: jax.
   # Disagreeing client pairs, sum_l S_l (M - S_l): comparable across lambdas.
   metrics["disagreement"] = selection.p1_penalty(masks, 1.0, client_valid=valid)
   return masks, metrics
-
-
-def variant_cost(table: np.ndarray) -> np.ndarray:
-  """f32[V]: relative backward cost of each variant (table bool[V, K]).
-
-  Backprop runs from the top down to the lowest trained group (one unit per
-  group for the activation gradients) and computes weight gradients of the
-  trained groups (one unit each).
-  """
-  k = table.shape[1]
-  lowest = np.where(table.any(1), np.argmax(table, axis=1), k)
-  return (k - lowest + table.sum(1)).astype(np.float32)
-
-
-def pick_variant(table: np.ndarray, masks: jax.Array, weights: jax.Array) -> jax.Array:
-  """int32: the cheapest variant whose groups cover every real client's mask.
-
-  Args:
-    table: static bool[V, K] (``RoundParts.variant_table``); some row must
-      cover every mask (the all-groups row, or ``{c..K-1}`` for c = 0).
-    masks: bool[C, K] the chunk's masks.
-    weights: f32[C], 0 for padding slots (their masks are ignored).
-  """
-  union = jnp.any(masks & (weights > 0)[:, None], axis=0)
-  covers = jnp.all(~union[None, :] | jnp.asarray(table), axis=1)
-  return jnp.argmin(jnp.where(covers, jnp.asarray(variant_cost(table)), jnp.inf)).astype(
-      jnp.int32)
-
-
-def group_order(masks: jax.Array, valid: jax.Array) -> jax.Array:
-  """int32[Mp]: client order that puts equal masks, then equal lowest layers, together.
-
-  Sorted by (lowest selected layer, mask bits); padding slots go last, so a
-  chunk's clients share as much of their masks as the round allows.
-  """
-  k = masks.shape[1]
-  code = jnp.sum(masks.astype(jnp.int32) * (2 ** jnp.arange(k, dtype=jnp.int32)), axis=1)
-  key = client_lib.lowest_selected(masks) * (2 ** k) + code
-  return jnp.argsort(jnp.where(valid, key, (k + 1) * 2 ** k)).astype(jnp.int32)
 
 
 def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
@@ -516,7 +425,7 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
 
   return RoundParts(settings=settings, loss_fn=loss_fn, index=index, k=k,
                     costs=jnp.asarray(costs, jnp.float32), variants=variants, updates=updates,
-                    constrain=_identity if client_sharding is None else constrain,
+                    constrain=identity if client_sharding is None else constrain,
                     backward=None if backward is None else jnp.asarray(backward, jnp.float32))
 
 

@@ -49,18 +49,18 @@ from fedsel_jax import costs as costs_lib
 from fedsel_jax import solver as solver_lib
 # Re-exported: callers use them as selection.solve_p1, selection.draw_budgets etc.
 # pylint: disable=unused-import
+from fedsel_jax.accounting import communication_bytes
+from fedsel_jax.accounting import cost_totals
+from fedsel_jax.accounting import make_run_costs
+from fedsel_jax.accounting import round_costs
 from fedsel_jax.costs import budget_costs
 from fedsel_jax.costs import BUDGET_KINDS
 from fedsel_jax.costs import check_budgets
 from fedsel_jax.costs import check_lam
-from fedsel_jax.costs import communication_bytes
-from fedsel_jax.costs import cost_totals
 from fedsel_jax.costs import COST_KINDS
 from fedsel_jax.costs import draw_budgets
 from fedsel_jax.costs import layer_costs
-from fedsel_jax.costs import make_run_costs
 from fedsel_jax.costs import model_forward_flops
-from fedsel_jax.costs import round_costs
 from fedsel_jax.costs import training_flops_per_sample
 from fedsel_jax.exact import p1_objective_np
 from fedsel_jax.exact import solve_p1_brute

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 
+from fedsel_jax import accounting
 from fedsel_jax import costs as costs_lib
 from fedsel_jax import train
 from tests.helpers import smoke_config
 
 # 3 blocks: forward FLOPs per example 10, 20, 30; head 5; stem 7.
-RUN = costs_lib.RunCosts(fixed_flops=7.0, block_flops=np.array([10.0, 20.0, 30.0]),
+RUN = accounting.RunCosts(fixed_flops=7.0, block_flops=np.array([10.0, 20.0, 30.0]),
                          common_flops=5.0, fixed_params=100, block_params=np.array([1, 2, 3]),
                          common_params=10, train_examples=8, score_rows=6)
 
@@ -23,7 +24,7 @@ def test_round_costs_by_hand():
   valid = np.array([True, True, True, False])      # the last is padding
   scored = np.array([True, False, True, True])
   num_examples = np.array([4, 9, 20, 20])
-  got = costs_lib.round_costs(RUN, masks, valid, scored, num_examples)
+  got = accounting.round_costs(RUN, masks, valid, scored, num_examples)
   # Per example: forward 72 + activation grads down to the lowest block + weight grads.
   per_client = [72 + (30 + 5) + (30 + 5), 72 + (60 + 5) + (10 + 5), 7 + 3 * 65]
   assert got["train_flops"] == pytest.approx(8 * sum(per_client))
@@ -42,7 +43,7 @@ def test_run_logs_costs_per_round_and_totals(data_dir, tmp_path):  # pylint: dis
     rows = list(csv.DictReader(f))
   with open(os.path.join(str(tmp_path), "final.json")) as f:
     assert json.load(f) == final
-  for column in costs_lib.COST_COLUMNS:
+  for column in accounting.COST_COLUMNS:
     values = [float(r[column]) for r in rows]
     assert all(v > 0 for v in values), column
     assert final[f"total_{column}"] == pytest.approx(sum(values))
