@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import shutil
@@ -46,7 +47,43 @@ def parse():
   p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config overrides")
   p.add_argument("--workdir", default="runs/convergence_bound")
   p.add_argument("--out", default="experiments/convergence_bound/results")
+  p.add_argument("--from_sweep", default="",
+                 help="summarise a finished fedsel_jax.sweep directory over selection.lam "
+                      "(and seed) instead of training")
   return p.parse_args()
+
+
+def from_sweep(args) -> None:
+  """The study's outputs (per-run files, summary.csv/.md, figures) from a sweep directory.
+
+  Larger models run as ``python -m fedsel_jax.sweep ... --sweep selection.lam=...
+  --sweep seed=...`` (resumable, vmapped per program); this reads its members.
+  """
+  with open(os.path.join(args.from_sweep, "sweep.json")) as f:
+    members = json.load(f)["members"]
+  os.makedirs(args.out, exist_ok=True)
+  table, lams = [], []
+  for m in members:
+    values = m["values"]
+    s, lam = int(values.get("seed", 0)), float(values["selection.lam"])
+    src = os.path.join(args.from_sweep, m["name"])
+    with open(os.path.join(src, "metrics.csv")) as f:
+      rows = list(csv.DictReader(f))
+    out = os.path.join(args.out, f"seed{s}_lam{lam:g}")
+    os.makedirs(out, exist_ok=True)
+    for fname in ("metrics.csv", "diagnostics.npz"):
+      shutil.copy(os.path.join(src, fname), os.path.join(out, fname))
+    seconds = sum(float(r["seconds"]) for r in rows)
+    table.append(dict(seed=s, lam=lam, **summarise(rows), seconds=round(seconds, 1)))
+    lams.append(lam)
+  with open(os.path.join(args.out, "summary.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+  write_markdown(args, table, sorted(set(lams)), sum(r["seconds"] for r in table))
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import plot  # noqa: E402  (plot.py beside this file)
+  plot.main(args.out)
 
 
 def configure(args, seed: int, lam: float):
@@ -94,6 +131,9 @@ def summarise(rows: list[dict]) -> dict:
 
 def main():
   args = parse()
+  if args.from_sweep:
+    from_sweep(args)
+    return
   lams = [float(v) for v in args.lams.split(",")]
   seeds = [int(v) for v in args.seeds.split(",")]
   for s in seeds:                       # every config valid before the first compute
