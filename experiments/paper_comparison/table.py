@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/paper_comparison/table.py > experiments/paper_comparison/table.md
 
-Reads the committed sweep outputs (``digits_fixed``, ``digits_hetero``):
+Reads the committed sweep outputs (``digits_fixed``, ``digits_hetero``,
+``flagship``; a strategy a sweep did not run shows "not run"):
 mean ± std over seeds, and in brackets the paired difference to ``proposed``
 (same seed, in accuracy points) with its 95% t interval.
 """
@@ -18,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from fedsel_jax import stats  # noqa: E402
 
 STRATEGY = "selection.strategy"
-COLUMNS = (("digits_fixed", {"selection.budget.value": 1}, "budget 1 block"),
-           ("digits_fixed", {"selection.budget.value": 2}, "budget 2 blocks"),
-           ("digits_hetero", {}, "heterogeneous 1-2 blocks"))
+COLUMNS = (("digits_fixed", {"selection.budget.value": 1}, "digits, budget 1 block"),
+           ("digits_fixed", {"selection.budget.value": 2}, "digits, budget 2 blocks"),
+           ("digits_hetero", {}, "digits, heterogeneous 1-2 blocks"),
+           ("flagship", {}, "flagship (MiniLM), heterogeneous 1-2 blocks"))
 
 
 def rows_of(workdir: str) -> list[dict]:
@@ -30,6 +32,8 @@ def rows_of(workdir: str) -> list[dict]:
 
 def cell(rows: list[dict], strategy: str, where: dict) -> str:
   pick = [r for r in rows if r[STRATEGY] == strategy and all(r[k] == v for k, v in where.items())]
+  if not pick:
+    return "not run"
   m, s, _ = stats.mean_std_ci([r["test_accuracy"] for r in pick])
   if strategy == "proposed":
     return f"{m:.4f} ± {s:.4f}"
@@ -40,12 +44,14 @@ def cell(rows: list[dict], strategy: str, where: dict) -> str:
 
 
 def main() -> None:
-  data = {name: rows_of(os.path.join(HERE, name)) for name in {c[0] for c in COLUMNS}}
+  data = {name: rows_of(os.path.join(HERE, name)) for name in {c[0] for c in COLUMNS}
+          if os.path.exists(os.path.join(HERE, name, "sweep.json"))}
+  columns = [c for c in COLUMNS if c[0] in data]
   strategies = list(dict.fromkeys(r[STRATEGY] for r in data["digits_fixed"]))
-  print("| strategy | " + " | ".join(label for _, _, label in COLUMNS) + " |")
-  print("|---|" + "---|" * len(COLUMNS))
+  print("| strategy | " + " | ".join(label for _, _, label in columns) + " |")
+  print("|---|" + "---|" * len(columns))
   for s in strategies:
-    print(f"| {s} | " + " | ".join(cell(data[n], s, w) for n, w, _ in COLUMNS) + " |")
+    print(f"| {s} | " + " | ".join(cell(data[n], s, w) for n, w, _ in columns) + " |")
 
 
 if __name__ == "__main__":
