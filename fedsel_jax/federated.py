@@ -508,25 +508,3 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     return new_state, metrics
 
   return round_fn
-
-
-def make_sweep_fn(round_fn: Callable) -> Callable:
-  """Vectorises a round over L values of lambda: one program, L runs.
-
-  ``sweep_fn(states, round_data, lams f32[L], key) -> (states, metrics)``
-  where ``states`` has a leading axis L (see :func:`stack_states`) and every
-  metric gains a leading axis L. All runs see the same clients, data and
-  keys; only lambda (and therefore the masks and the models) differ. Build
-  ``round_fn`` with ``backprop_cut=False``: under vmap the per-chunk switch
-  would run every branch.
-  """
-
-  def one(state, rd, lam, key):
-    return round_fn(state, dict(rd, lam=lam), key)
-
-  return jax.vmap(one, in_axes=(0, None, 0, None))
-
-
-def stack_states(state: ServerState, num: int) -> ServerState:
-  """``num`` copies of ``state`` along a new leading axis (for sweeps)."""
-  return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num,) + jnp.shape(a)), state)
