@@ -1,6 +1,6 @@
 """TensorBoard event files mirroring a run's metrics.csv, in the run's directory.
 
-``train._Run`` owns metrics.csv, selection.npz and the checkpoints; at every
+``run_record.RunRecord`` owns metrics.csv, selection.npz and the checkpoints; at every
 checkpoint it hands its rows to :class:`TensorBoardMirror`, which writes the
 rows it has not written yet as scalars (tag = CSV column, step = round). A
 resumed run starts the mirror at its first round: TensorBoard then discards

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import optax
 import pytest
 
@@ -223,7 +224,7 @@ def test_lora_runs_end_to_end_and_checkpoints_adapters(data_dir, tmp_path, strat
   assert np.isfinite(final["test_loss"])
   from fedsel_jax import checkpoints
   ckpts = checkpoints.RunCheckpoints(str(tmp_path), keep=2)
-  abstract = jax.tree_util.tree_map(train.ocp.utils.to_shape_dtype_struct, setup.initial_state())
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, setup.initial_state())
   _, state, _, _ = ckpts.restore_latest(abstract)
   ckpts.close()
   start = setup.params

@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from fedsel_jax import aggregate
@@ -55,7 +56,7 @@ def rows_without_seconds(workdir):
 
 def latest_state(workdir, setup):
   ckpts = checkpoints.RunCheckpoints(workdir, keep=2)
-  abstract = jax.tree_util.tree_map(train.ocp.utils.to_shape_dtype_struct, setup.initial_state())
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, setup.initial_state())
   got = ckpts.restore_latest(abstract)
   ckpts.close()
   return got

@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits as digits_config
@@ -45,7 +46,7 @@ def final_leaves(workdir, setup):
   """The leaves of the newest checkpoint's state."""
   from fedsel_jax import checkpoints
   ckpts = checkpoints.RunCheckpoints(workdir, keep=2)
-  abstract = jax.tree_util.tree_map(train.ocp.utils.to_shape_dtype_struct, setup.initial_state())
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, setup.initial_state())
   step, state, _, _ = ckpts.restore_latest(abstract)
   ckpts.close()
   return jax.tree_util.tree_leaves(state)
