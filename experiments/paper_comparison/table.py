@@ -1,6 +1,7 @@
 """The README's compact table: final test accuracy per strategy and budget.
 
     .venv/bin/python experiments/paper_comparison/table.py > experiments/paper_comparison/table.md
+    .venv/bin/python experiments/paper_comparison/table.py --blocks flagship > experiments/paper_comparison/flagship/blocks.md
 
 Reads the committed sweep outputs (``digits_fixed``, ``digits_hetero``,
 ``flagship``; a strategy a sweep did not run shows "not run"):
@@ -43,7 +44,25 @@ def cell(rows: list[dict], strategy: str, where: dict) -> str:
   return f"{m:.4f} ± {s:.4f} ({d:+.2f} [{d - h:+.2f}, {d + h:+.2f}])"
 
 
+def blocks(name: str) -> None:
+  """Mean candidate blocks a sampled client trains per round, per strategy (selection.npz)."""
+  import numpy as np
+  workdir = os.path.join(HERE, name)
+  _, _, members = stats.load_spec(workdir)
+  per: dict[str, list[float]] = {}
+  for m in members:
+    with np.load(os.path.join(workdir, m["name"], "selection.npz")) as f:
+      per.setdefault(m["values"][STRATEGY], []).append(float(f["masks"].sum(-1).mean()))
+  print("| strategy | blocks per client and round (mean over seeds) | per seed |")
+  print("|---|---|---|")
+  for s, v in per.items():
+    print(f"| {s} | {np.mean(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |")
+
+
 def main() -> None:
+  if len(sys.argv) == 3 and sys.argv[1] == "--blocks":
+    blocks(sys.argv[2])
+    return
   data = {name: rows_of(os.path.join(HERE, name)) for name in {c[0] for c in COLUMNS}
           if os.path.exists(os.path.join(HERE, name, "sweep.json"))}
   columns = [c for c in COLUMNS if c[0] in data]
