@@ -65,6 +65,25 @@ STRATEGIES: dict[str, tuple[str | None, bool]] = {
 }
 
 
+def selection_mode(strategy: str) -> str:
+  """Who selects a client's layers, and toward what:
+
+  * ``"server"``: the server gathers the sampled clients' scores and solves P1
+    with the consistency weight ``selection.lam`` (``proposed``, ``rgn_p1``,
+    ``snr_p1``). ``lam > 0`` rewards clients for training the same layers
+    (the paper's hypothesis), ``lam < 0`` for covering different ones
+    (F3OCUS's, arXiv 2411.11912), ``lam = 0`` leaves each client its own
+    best set;
+  * ``"client"``: each client alone, by its own scores within its budget,
+    with no coordination (``gradnorm``, ``rgn``, ``snr``: P1's ``lam = 0``
+    case, without the server round trip of the scores);
+  * ``"fixed"``: a rule that reads no scores (``full``, ``head``, ``top``,
+    ``bottom``, ``both``, ``random``, ``lora``).
+  """
+  kind, penalised = STRATEGIES[strategy]
+  return "server" if penalised else ("client" if kind is not None else "fixed")
+
+
 @flax.struct.dataclass
 class ServerState:
   """Everything a run carries from round to round (arrays only).

@@ -468,3 +468,11 @@ def test_communication_bytes():
   _, up = sel.communication_bytes(counts, masks, common_params=10, fixed_params=50,
                                   sends_scores=False)
   np.testing.assert_allclose(np.asarray(up), [4 * 410, 4 * 10])
+
+
+def test_every_strategy_has_one_selection_mode():
+  from fedsel_jax import federated
+  modes = {s: federated.selection_mode(s) for s in federated.STRATEGIES}
+  assert {s for s, m in modes.items() if m == "server"} == {"proposed", "rgn_p1", "snr_p1"}
+  assert {s for s, m in modes.items() if m == "client"} == {"gradnorm", "rgn", "snr"}
+  assert set(modes.values()) == {"server", "client", "fixed"}
