@@ -31,6 +31,11 @@ def _col(rows, name):
   return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
+def _ratio(a: float, b: float) -> float:
+  """a / b, NaN where the bound is 0 (consensus: E2 and its bound both vanish)."""
+  return a / b if b else float("nan")
+
+
 def write_tightness(out: str, summary: list[dict], lams: list[float]) -> str:
   """tightness.md: how loose the bound is at the last round and which term makes it."""
   def ms(fn, lam):
@@ -47,7 +52,7 @@ def write_tightness(out: str, summary: list[dict], lams: list[float]) -> str:
         f"{ms(lambda r: f('final_eta')(r) / f('final_rhs')(r), lam)} | "
         f"{ms(lambda r: f('final_err')(r) / f('final_rhs')(r), lam)} | "
         f"{ms(lambda r: f('final_opt')(r) / f('final_rhs')(r), lam)} | "
-        f"{ms(lambda r: f('mean_e2')(r) / f('mean_e2_bound')(r), lam)} |")
+        f"{ms(lambda r: _ratio(f('mean_e2')(r), f('mean_e2_bound')(r)), lam)} |")
   worst = 0.0   # the layer-wise bound E2_l <= (1/P_l - 1) kappa_l^2, every layer and round
   for r in summary:
     with np.load(os.path.join(out, f"seed{r['seed']}_lam{float(r['lam']):g}",
