@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsel_jax.costs import DepthCosts
+from fedsel_jax.costs import depth_set_cost
 from fedsel_jax.costs import training_flops_per_sample
 
 def communication_bytes(param_counts: jax.Array, masks: jax.Array, *,
@@ -152,3 +154,10 @@ def make_run_costs(params, index, num_candidates: int, forward_flops, *, local_s
                   common_params=kinds[COMMON], train_examples=local_steps * batch_size,
                   score_rows=scores_lib.num_score_batches(n_max, batch_size, sel_batches)
                   * batch_size)
+
+
+def peak_memory_mb(model: DepthCosts, masks, valid) -> float:
+  """MiB the most demanding sampled client needs to train its mask, under the
+  memory cost model in bytes (:mod:`fedsel_jax.memory_costs`)."""
+  need = model.constant + np.asarray(depth_set_cost(masks, model.weight, model.backward))
+  return float(np.max(need[np.asarray(valid, bool)])) / 2 ** 20

@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedsel_jax import accounting
 from fedsel_jax import bound as bound_lib
 from fedsel_jax import checkpoints as checkpoints_lib
-from fedsel_jax import costs as costs_lib
 from fedsel_jax import errors
 from fedsel_jax import local_only
 from fedsel_jax import metrics_writer
@@ -55,7 +55,7 @@ def write_atomic(path: str, write) -> None:
 
 
 def metrics_row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
-         ev: dict | None) -> dict:
+                ev: dict | None) -> dict:
   row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),
                          "test_loss": "" if ev is None else ev["loss"],
                          "test_accuracy": "" if ev is None else ev["accuracy"],
@@ -192,11 +192,8 @@ def record_round(run: RunRecord, setup, t: int, metrics: dict, rd: dict, seconds
   row = metrics_row(t, metrics, seconds, setup.spec.groups.names, ev)
   row.update(selection.round_costs(setup.run_costs, metrics["masks"], rd["valid"],
                                    metrics["scored"], rd["num_examples"]))
-  if getattr(setup, "memory", None) is not None:   # selection.cost='memory': the peak client
-    m = setup.memory
-    need = m.constant + np.asarray(costs_lib.depth_set_cost(metrics["masks"], m.weight,
-                                                        m.backward))
-    row["train_memory_mb"] = float(np.max(need[np.asarray(rd["valid"])])) / 2 ** 20
+  if setup.memory is not None:   # selection.cost='memory'
+    row["train_memory_mb"] = accounting.peak_memory_mb(setup.memory, metrics["masks"], rd["valid"])
   run.rows.append(row)
   _record_selection(run, setup, setup.config, rd, metrics)
   bound_lib.append_layer_terms(run.history, t, metrics)
