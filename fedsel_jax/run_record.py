@@ -54,6 +54,20 @@ def write_atomic(path: str, write) -> None:
   os.replace(tmp, path)
 
 
+def record_diverged(workdir: str, error: errors.DivergedError) -> str:
+  """Marks ``workdir`` as a diverged run: ``diverged.json`` holds the one-line
+  reason (a sweep's summary reports it and a rerun keeps the verdict), and the
+  ``error:`` line is printed. Returns the reason."""
+  message = str(error)
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump({"diverged": message}, f, indent=2)
+  write_atomic(os.path.join(workdir, "diverged.json"), write)
+  print(f"error: {message}", flush=True)
+  return message
+
+
 def metrics_row(round_idx: int, metrics: dict, seconds: float, names: tuple[str, ...],
                 ev: dict | None) -> dict:
   row: dict[str, Any] = {"round": round_idx, "train_loss": float(metrics["train_loss"]),

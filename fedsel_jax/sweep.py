@@ -97,6 +97,7 @@ def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
               done: set[str]) -> None:
   """Trains a group's unfinished members: vmapped if more than one, else alone."""
   from fedsel_jax import errors
+  from fedsel_jax import run_record
   from fedsel_jax import train
   from fedsel_jax import vmap_runs
   todo = [m for m in group if m.name not in done]
@@ -109,8 +110,7 @@ def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
     try:
       train.train_and_evaluate(m.config, wd, setup=_setup(m))
     except errors.DivergedError as e:   # one member's divergence does not stop the sweep
-      vmap_runs.write_diverged(wd, str(e))
-      print(f"error: {e}", flush=True)
+      run_record.record_diverged(wd, e)
     return
   setups = [_setup(m) for m in todo]
   # One shape for the whole group: pad every run's example axis to the largest.

@@ -62,6 +62,14 @@ class Setup:
     """``dataset``: ``load_dataset(config.data)`` already loaded (a sweep reuses it)."""
     validate_config(config)
     self.config = config
+    self._set_data(dataset)
+    self._set_model()
+    self._set_costs()
+    self._set_round()
+
+  def _set_data(self, dataset) -> None:
+    """The partition, the padded client arrays, the hold-out and the test set."""
+    config = self.config
     datasets.check_available(config.data)
     self.dataset = dataset if dataset is not None else datasets.load_dataset(config.data)
     ds = self.dataset
@@ -86,6 +94,9 @@ class Setup:
       keep = np.sort(np.random.default_rng(seed).choice(len(self.test_y), max_test, False))
       self.test_x, self.test_y = self.test_x[keep], self.test_y[keep]
 
+  def _set_model(self) -> None:
+    """The model, its (pretrained) float32 parameters and the group table."""
+    config, ds, seed = self.config, self.dataset, self.config.seed
     self.spec = models.build_model(config.model, ds.num_classes, ds.train_x.shape[1:])
     init_key = jax.random.fold_in(jax.random.key(seed), 0x1217)
     params = _init_params(self.spec.module, init_key, self.spec.example_input)
@@ -95,6 +106,9 @@ class Setup:
     self.index = masks_lib.group_index(self.params, self.spec.groups)
     self.k = self.spec.groups.num_candidates
 
+  def _set_costs(self) -> None:
+    """Budgets, layer costs (unit, params, flops or memory) and cost logs."""
+    config, n, seed = self.config, self.clients.num_clients, self.config.seed
     sel = config.selection
     b = sel.budget
     self.budgets = selection.draw_budgets(b.kind, n, seed, value=b.value, low=b.low,
@@ -105,10 +119,10 @@ class Setup:
                                                self.spec.groups)
     self.memory = None    # the memory cost model in bytes (selection.cost='memory')
     if sel.cost == "memory":
-      b = min(config.fl.batch_size, self.clients.mask.shape[1])
+      rows = min(config.fl.batch_size, self.clients.mask.shape[1])
       self.memory = memory_costs.memory_depth_costs(
           client_lib.make_loss_fn(self.spec.module.apply), self.params, self.index, self.k,
-          self.clients.x[0, :b], self.clients.y[0, :b], config.client_optim.name)
+          self.clients.x[0, :rows], self.clients.y[0, :rows], config.client_optim.name)
       self.costs, self.backward = memory_costs.budget_costs(self.memory)
     else:
       self.costs, self.backward = selection.budget_costs(sel.cost, sizes, self.flops)
@@ -121,6 +135,9 @@ class Setup:
                         f"layers of model {config.model.name!r}")
     selection.check_budgets(self.budgets, self.costs, self.backward)
 
+  def _set_round(self) -> None:
+    """Optimizers, the static round settings, the jitted round and evaluation."""
+    config, sel = self.config, self.config.selection
     self.client_opt = make_optimizer(config.client_optim)
     self.server_opt = make_optimizer(config.server_optim)
     fl = config.fl

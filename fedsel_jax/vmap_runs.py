@@ -23,7 +23,6 @@ rows weigh 0 and sort last, all-padding score batches are skipped).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -165,14 +164,6 @@ def run_chunk(setups: list[train.Setup], workdirs: list[str], runs_fn: Callable,
       lock.release()
 
 
-def write_diverged(workdir: str, message: str) -> None:
-  """``diverged.json``: why a run stopped (a sweep's summary reports it)."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump({"diverged": message}, f, indent=2)
-  run_record.write_atomic(os.path.join(workdir, "diverged.json"), write)
-
-
 def _observe(guard: run_record.DivergenceGuard, run: run_record.RunRecord, t: int, m: dict
              ) -> str | None:
   """The divergence message if run ``run`` stops at round ``t``, else None."""
@@ -180,9 +171,7 @@ def _observe(guard: run_record.DivergenceGuard, run: run_record.RunRecord, t: in
     guard.observe(t, m, quiet=True)
   except errors.DivergedError as e:
     run.write_files()      # the failed rounds' rows, for inspection; no checkpoint
-    write_diverged(run.workdir, str(e))
-    print(f"error: {e}", flush=True)
-    return str(e)
+    return run_record.record_diverged(run.workdir, e)
   return None
 
 
