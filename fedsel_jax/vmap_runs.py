@@ -79,7 +79,7 @@ def make_runs_fn(setup: train.Setup, shared_data: bool) -> Callable:
     client_opt = _traced_optimizer(config.client_optim, lrs[0])
     server_opt = _traced_optimizer(config.server_optim, lrs[1])
     round_fn = federated.make_round_fn(loss_fn, setup.index, setup.k, client_opt, server_opt,
-                                       setup.costs, settings)
+                                       setup.costs, settings, backward=setup.backward)
     return round_fn(state, rd, key)
 
   def runs_fn(states, rd, lrs, keys):

@@ -225,6 +225,29 @@ def test_shared_round_data_equals_stacked_round_data(data_dir):
                                atol=1e-9, err_msg=k)
 
 
+@pytest.mark.parametrize("cost", ["flops", "memory"])
+def test_vmapped_round_equals_the_single_round_with_depth_aware_costs(data_dir, cost):
+  """A sweep member's round selects with the same depth-aware budgets
+  (``setup.backward``) as the single run's round: same masks, same metrics."""
+  import jax.numpy as jnp
+  from tests.helpers import smoke_config
+  c = smoke_config(data_dir, **{"selection.cost": cost, "selection.strategy": "proposed"})
+  setup = train.Setup(c)
+  assert setup.backward is not None
+  rd = setup.round_data(0)
+  key = jax.random.key(c.seed)
+  _, single = setup.round_fn(setup.initial_state(), rd, key)
+  states = jax.tree_util.tree_map(lambda a: a[None], setup.initial_state())
+  stacked = vmap_runs.stack_round_data([rd], False, setup.clients.mask.shape[1])
+  lrs = jnp.asarray([[c.client_optim.lr, c.server_optim.lr]], jnp.float32)
+  _, vmapped = vmap_runs.make_runs_fn(setup, False)(states, stacked, lrs,
+                                                   jax.vmap(jax.random.key)(jnp.asarray([c.seed])))
+  np.testing.assert_array_equal(np.asarray(vmapped["masks"])[0], np.asarray(single["masks"]))
+  for k in ("train_loss", "penalty", "disagreement"):
+    np.testing.assert_allclose(np.asarray(vmapped[k])[0], np.asarray(single[k]), rtol=1e-5,
+                               err_msg=k)
+
+
 def test_a_diverging_member_stops_alone_and_is_reported(data_dir, tmp_path):
   """A vmapped member whose every update is non-finite stops after
   fl.max_bad_rounds rounds (diverged.json, no final.json, no checkpoint after
