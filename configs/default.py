@@ -78,7 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fl.clients_per_round = 10
   c.fl.local_steps = 2
   c.fl.batch_size = 16
-  c.fl.client_chunk = 10         # clients vmapped together; 0 = all at once
+  c.fl.client_chunk = 10         # clients vmapped together; 0 = all at once; "auto" (auto_chunk.py)
   # Stop backprop below each chunk's lowest selected layer: compiles K + 1
   # variants (minutes on 2 CPU cores for MiniLM), so off for the demo.
   c.fl.backprop_cut = False

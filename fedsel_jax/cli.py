@@ -27,6 +27,8 @@ import ml_collections
 from fedsel_jax.errors import ConfigError
 
 _BOOLS = {"true": True, "false": False, "1": True, "0": False}
+# Fields that take an integer or one of these string forms (validate.py checks the form).
+_INT_OR_TEXT = {"fl.client_chunk": "auto"}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -88,6 +90,11 @@ def parse_value(field: str, text: str, current: Any) -> Any:
     return ConfigError(f"--config.{field}={text} is not {kind} (the field is "
                        f"{type(current).__name__}, e.g. {current!r})")
 
+  prefix = _INT_OR_TEXT.get(field)
+  if prefix and text.strip().startswith(prefix):
+    return text.strip()
+  if prefix and isinstance(current, str):
+    current = 0
   if isinstance(current, bool):
     if text.strip().lower() not in _BOOLS:
       raise wrong("true or false")
@@ -96,7 +103,7 @@ def parse_value(field: str, text: str, current: Any) -> Any:
     try:
       return int(text)
     except ValueError:
-      raise wrong("an integer") from None
+      raise wrong("an integer" + (f" or {prefix!r}" if prefix else "")) from None
   if isinstance(current, float):
     try:
       return float(text)
@@ -130,6 +137,8 @@ def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None
   for part in parents:
     node = node[part]
   with node.unlocked():
+    if field in _INT_OR_TEXT and type(node[last]) is not type(value):
+      del node[last]   # ConfigDict keeps a field's type: int <-> text needs a fresh field
     try:
       node[last] = value
     except TypeError as e:

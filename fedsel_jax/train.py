@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from fedsel_jax import auto_chunk
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
@@ -137,25 +139,56 @@ class Setup:
 
   def _set_round(self) -> None:
     """Optimizers, the static round settings, the jitted round and evaluation."""
-    config, sel = self.config, self.config.selection
+    config, sel, fl = self.config, self.config.selection, self.config.fl
     self.client_opt = make_optimizer(config.client_optim)
     self.server_opt = make_optimizer(config.server_optim)
-    fl = config.fl
+    self.chunk = 0 if auto_chunk.is_auto(fl.client_chunk) else fl.client_chunk
+    self.chunk_report = None   # what fl.client_chunk='auto' measured and chose
     self.settings = federated.RoundSettings(
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
-        batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=fl.client_chunk,
+        batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=self.chunk,
         backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
         diagnostics=config.diagnostics.enabled, diag_estimator=config.diagnostics.estimator,
         diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
         diag_power_iters=config.diagnostics.power_iters,
         solver_starts=sel.solver_starts, unroll=_unroll(config))
-    self.population = population_data(config, self.clients)
-    loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
-    self.round_fn = jax.jit(federated.make_round_fn(
-        loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs,
-        self.settings, client_sharding=client_sharding(config), backward=self.backward),
-        donate_argnums=0)
+    self.population = None
+    if auto_chunk.is_auto(fl.client_chunk):
+      self._choose_chunk(fl.client_chunk)
+    self.population = population_data(config, self.clients, self.chunk)
+    self.round_fn = self._make_round_fn(self.settings)
     self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
+
+  def _make_round_fn(self, settings: federated.RoundSettings):
+    loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
+    return jax.jit(federated.make_round_fn(
+        loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs, settings,
+        client_sharding=client_sharding(self.config, settings.client_chunk),
+        backward=self.backward), donate_argnums=0)
+
+  def _choose_chunk(self, value: str) -> None:
+    """Resolves ``fl.client_chunk='auto...'`` by compiling candidate rounds
+    (auto_chunk.py); sets ``chunk``, ``settings`` and ``chunk_report``."""
+    m = self.config.fl.clients_per_round
+    state, key = self.initial_state(), jax.random.key(self.config.seed)
+
+    def measure(chunk: int) -> float:
+      settings = dataclasses.replace(self.settings, client_chunk=chunk)
+      self.chunk = chunk   # a divisor of m: the round data has no padding slot
+      rd = self.round_data(0)
+      population = population_data(self.config, self.clients, chunk)
+      if population is not None:
+        rd["population"] = population
+      return auto_chunk.compiled_mb(self._make_round_fn(settings).lower(state, rd, key).compile())
+
+    shapes = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)),
+                                    (state, self.round_data(0)))
+    cache_key = (self.settings, str(jax.tree_util.tree_structure(shapes)),
+                 tuple(jax.tree_util.tree_leaves(shapes)), self.costs.tobytes(),
+                 None if self.backward is None else self.backward.tobytes())
+    shard = jax.device_count() if self.config.fl.get("shard_clients", False) else 1
+    self.chunk, self.chunk_report = auto_chunk.resolve(value, m, measure, cache_key, shard)
+    self.settings = dataclasses.replace(self.settings, client_chunk=self.chunk)
 
   def initial_state(self) -> federated.ServerState:
     # A copy: round_fn donates its state, and Setup may start several runs.
@@ -169,7 +202,7 @@ class Setup:
     n = self.clients.num_clients
     ids = data_lib.sample_clients(c.seed, round_idx, n, c.fl.clients_per_round)
     m = len(ids)
-    mp = federated.padded_clients(m, c.fl.client_chunk)
+    mp = federated.padded_clients(m, self.chunk)
     slots = np.concatenate([ids, np.full(mp - m, n, np.int32)])
     rd = self.clients.take(np.minimum(slots, n - 1))
     rd.update(client_ids=slots, valid=slots < n,
@@ -182,7 +215,7 @@ class Setup:
     return rd
 
 
-def population_data(config, clients: data_lib.ClientArrays) -> dict | None:
+def population_data(config, clients: data_lib.ClientArrays, chunk: int) -> dict | None:
   """Every client's data on the device once, for ``diagnostics.population``.
 
   Rule: the padded arrays (N rounded up to the round's chunk, x n_max
@@ -193,7 +226,7 @@ def population_data(config, clients: data_lib.ClientArrays) -> dict | None:
   if not (d.enabled and d.population):
     return None
   n, m = clients.num_clients, config.fl.clients_per_round
-  chunk = min(config.fl.client_chunk, m) if config.fl.client_chunk > 0 else m  # the round's chunk
+  chunk = min(chunk, m) if chunk > 0 else m  # the round's chunk
   slots = -(-n // chunk) * chunk
   mb = slots * sum(a[0].nbytes for a in (clients.x, clients.y, clients.mask)) / 2 ** 20
   if mb > d.population_max_mb:
@@ -213,7 +246,7 @@ def _unroll(config) -> bool:
   return value
 
 
-def client_sharding(config) -> jax.sharding.Sharding | None:
+def client_sharding(config, chunk: int) -> jax.sharding.Sharding | None:
   """Shards each chunk's clients over all devices when ``fl.shard_clients``.
 
   Uses every device JAX sees: one host's GPUs/TPU cores, or all hosts' after
@@ -223,7 +256,7 @@ def client_sharding(config) -> jax.sharding.Sharding | None:
   if not config.fl.get("shard_clients", False):
     return None
   n = jax.device_count()
-  chunk = config.fl.client_chunk or config.fl.clients_per_round
+  chunk = chunk or config.fl.clients_per_round
   if chunk % n:
     raise ConfigError(f"fl.client_chunk={chunk} must be a multiple of the {n} devices "
                       "when fl.shard_clients=True")
@@ -290,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   run = run_record.RunRecord(workdir, config)
   run.layer_names = setup.spec.groups.names
+  if setup.chunk_report and not quiet:
+    print(setup.chunk_report, flush=True)
   start, state = run.resume(setup.initial_state(), quiet)
   run.tensorboard.start(start)
   guard = run_record.DivergenceGuard(config, setup, workdir)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from fedsel_jax import auto_chunk
 from fedsel_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -95,7 +96,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.embeddings": _choice("auto", "fixed", "trained"),  # = models.EMBEDDINGS
     "model.sub_blocks": _bool,
     "fl.num_rounds": _int(1), "fl.clients_per_round": _int(1), "fl.local_steps": _int(1),
-    "fl.batch_size": _int(1), "fl.client_chunk": _int(0), "fl.backprop_cut": _bool,
+    "fl.batch_size": _int(1), "fl.client_chunk": auto_chunk.check, "fl.backprop_cut": _bool,
     "fl.cut_levels": _levels,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),
     "client_optim.name": _choice(*OPTIMIZERS), "server_optim.name": _choice(*OPTIMIZERS),
