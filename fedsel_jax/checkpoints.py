@@ -52,22 +52,31 @@ def _warn(message: str) -> None:
 class RunCheckpoints:
   """The checkpoints of one workdir."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, active: bool = True):
+    """``active=False``: a process that writes no files (multihost.py): no
+    checkpoints to list, restore or save."""
     self.dir = os.path.join(workdir, "checkpoints")
     self.damaged_dir = os.path.join(workdir, "checkpoints.damaged")
     self.keep = keep
-    self._mngr = self._manager()
+    self.active = active
+    self._mngr = self._manager() if active else None
 
   def _manager(self) -> ocp.CheckpointManager:
+    options = dict(max_to_keep=self.keep, create=True, enable_async_checkpointing=False)
     try:
-      return ocp.CheckpointManager(
-          self.dir, options=ocp.CheckpointManagerOptions(
-              max_to_keep=self.keep, create=True, enable_async_checkpointing=False))
+      if jax.process_count() > 1:   # a multi-process run: only this process (the primary) saves
+        os.makedirs(self.dir, exist_ok=True)   # orbax creates nothing with active_processes
+        options.update(create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}))
+      return ocp.CheckpointManager(self.dir,
+                                   options=ocp.CheckpointManagerOptions(**options))
     except Exception as e:   # orbax reads every step's metadata on start
       raise WorkdirError(f"cannot open the checkpoints in {self.dir}: {type(e).__name__}: "
                          f"{e}; use --restart to start over") from e
 
   def steps(self) -> list[int]:
+    if not self.active:
+      return []
     try:
       return sorted(self._mngr.all_steps())
     except Exception:   # a damaged step folder: list what parses
@@ -75,6 +84,8 @@ class RunCheckpoints:
 
   def save(self, step: int, state: PyTree, rows_csv: str, history: dict[str, np.ndarray],
            fingerprint: str) -> None:
+    if not self.active:
+      return
     state = jax.device_get(state)
     meta = {"round": step, "rows_csv": rows_csv, "fingerprint": fingerprint,
             "state_crc": tree_checksums(state), "history_crc": tree_checksums(history),
@@ -137,4 +148,5 @@ class RunCheckpoints:
     return None
 
   def close(self) -> None:
-    self._mngr.close()
+    if self._mngr is not None:
+      self._mngr.close()

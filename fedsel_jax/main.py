@@ -29,8 +29,12 @@ import time
 import traceback
 
 USAGE = ("usage: python -m fedsel_jax.main --config configs/NAME.py[:ARG] --workdir DIR "
-         "[--restart] [--check_only] [--config.FIELD=VALUE ...]")
-FLAGS = {"config": True, "workdir": True, "restart": False, "check_only": False, "help": False}
+         "[--restart] [--check_only] [--jax_distributed [--coordinator_address HOST:PORT "
+         "--num_processes P --process_id I]] [--config.FIELD=VALUE ...]")
+FLAGS = {"config": True, "workdir": True, "restart": False, "check_only": False, "help": False,
+         "jax_distributed": False, "coordinator_address": True, "num_processes": True,
+         "process_id": True}
+DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 
 
 def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> list[dict]:
@@ -40,11 +44,13 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
   checked against its fingerprint) before the first one computes.
   """
   from fedsel_jax import datasets
+  from fedsel_jax import multihost
   from fedsel_jax import plotting
   from fedsel_jax import train
 
   from fedsel_jax import probe
 
+  quiet = quiet or not multihost.is_primary()
   entries = table_entries(config)
   configs = strategy_configs(config)
   for c in configs:
@@ -68,9 +74,10 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
   finally:
     for lock in locks:
       lock.release()
-  if not quiet:
-    print(plotting.results_table(results), flush=True)
-  plotting.write_plots([workdir], workdir)   # finds the compare runs under workdir
+  if multihost.is_primary():   # the other processes of a multi-process run write nothing
+    if not quiet:
+      print(plotting.results_table(results), flush=True)
+    plotting.write_plots([workdir], workdir)   # finds the compare runs under workdir
   return results
 
 
@@ -145,8 +152,36 @@ def parse(argv: list[str]):
   config = cli.load_config(values["config"])
   cli.apply_overrides(config, overrides)
   validate.validate_config(config)
+  distributed = _distributed_args(values, config)
   return config, values.get("workdir"), bool(values.get("restart")), bool(
-      values.get("check_only"))
+      values.get("check_only")), distributed
+
+
+def _distributed_args(values: dict, config) -> dict | None:
+  """``jax.distributed.initialize`` arguments of ``--jax_distributed``, or None."""
+  from fedsel_jax import errors
+  given = [f for f in DISTRIBUTED if values.get(f) is not None]
+  if not values.get("jax_distributed"):
+    if given:
+      raise errors.ConfigError(f"--{given[0]} needs --jax_distributed")
+    return None
+  if not config.fl.get("shard_clients", False):
+    raise errors.ConfigError("--jax_distributed needs --config.fl.shard_clients=True (the client "
+                             "axis is what the processes share)")
+  args = {"coordinator_address": values.get("coordinator_address")}
+  for f in ("num_processes", "process_id"):
+    v = values.get(f)
+    if v is not None:
+      try:
+        args[f] = int(v)
+      except ValueError:
+        raise errors.ConfigError(f"--{f} must be an integer, got {v!r}") from None
+  if "num_processes" in args and args["num_processes"] < 1:
+    raise errors.ConfigError(f"--num_processes must be >= 1, got {args['num_processes']}")
+  if "process_id" in args and not 0 <= args["process_id"] < args.get("num_processes", 2**31):
+    raise errors.ConfigError(f"--process_id must be in [0, --num_processes), got "
+                             f"{args['process_id']}")
+  return args
 
 
 def _crash_log(workdir: str | None) -> str:
@@ -174,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     with signals.handle_signals():
       _quiet_libraries()
-      config, workdir, restart, only_check = parse(argv)
+      config, workdir, restart, only_check, distributed = parse(argv)
+      if distributed is not None:
+        from fedsel_jax import multihost
+        multihost.initialize(**distributed)
       if only_check:
         check_only(config)
       else:

@@ -26,10 +26,12 @@ class TensorBoardMirror:
 
   Args:
     workdir: the run's directory (the event files go next to metrics.csv).
+    active: False for a process that writes no files (multihost.py).
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, active: bool = True):
     self.workdir = workdir
+    self.active = active
     self.next_round = 0
     self._writer = None
 
@@ -38,11 +40,15 @@ class TensorBoardMirror:
     from tensorboardX import SummaryWriter
     self.close()
     self.next_round = round_idx
+    if not self.active:
+      return
     self._writer = SummaryWriter(logdir=self.workdir, purge_step=round_idx or None,
                                  flush_secs=3600)
 
   def write(self, rows: list[dict]) -> None:
     """Writes the rows with ``round >= next_round`` and flushes the files."""
+    if not self.active:
+      return
     if self._writer is None:
       self.start(self.next_round)
     for row in rows:

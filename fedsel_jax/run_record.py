@@ -89,15 +89,19 @@ def metrics_row(round_idx: int, metrics: dict, seconds: float, names: tuple[str,
 class RunRecord:
   """The mutable host-side record of a run: rows, selection history, files."""
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, primary: bool = True):
+    """``primary``: whether this process writes the run's files (multihost.py:
+    the other processes of a multi-process run keep rows in memory only)."""
     self.workdir = workdir
     self.config = config
+    self.primary = primary
     self.fingerprint = workdir_lib.fingerprint(config)["sha256"]
-    self.ckpts = checkpoints_lib.RunCheckpoints(workdir, config.checkpoint_keep)
+    self.ckpts = checkpoints_lib.RunCheckpoints(workdir, config.checkpoint_keep,
+                                                active=primary)
     self.rows: list[dict] = []
     self.history: dict[str, list] = {"masks": [], "scores": []}
     self.layer_names: tuple[str, ...] = ()   # candidate names, for diagnostics.npz
-    self.tensorboard = metrics_writer.TensorBoardMirror(workdir)
+    self.tensorboard = metrics_writer.TensorBoardMirror(workdir, active=primary)
 
   def resume(self, initial: Any, quiet: bool):
     """(first round to run, state) after restoring the newest intact checkpoint."""
@@ -117,12 +121,15 @@ class RunRecord:
       print(f"resuming {self.workdir} from round {start}", flush=True)
     # The checkpoint is the source of truth: files written after it are redone.
     self.write_files()
-    return start, jax.device_put(state)
+    # Uncommitted arrays: a sharded round (fl.shard_clients) places them itself.
+    return start, jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), state)
 
   def history_arrays(self) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in self.history.items() if v}
 
   def write_files(self) -> None:
+    if not self.primary:
+      return
     if self.config.diagnostics.enabled:   # running columns, recomputed from all rows
       bound_lib.add_bound_columns(self.rows, bound_lib.effective_step(
           self.config.fl.local_steps, self.config.client_optim.lr, self.config.server_optim.lr))
@@ -146,6 +153,8 @@ class RunRecord:
       write_atomic(sel, write_npz)
 
   def checkpoint(self, step: int, state: Any) -> None:
+    if not self.primary:
+      return
     with signals.critical():
       self.write_files()
       self.tensorboard.write(self.rows)

@@ -26,6 +26,7 @@ from fedsel_jax import local_only
 from fedsel_jax import masks as masks_lib
 from fedsel_jax import memory_costs
 from fedsel_jax import models
+from fedsel_jax import multihost
 from fedsel_jax import run_record
 from fedsel_jax import selection
 from fedsel_jax import validate
@@ -161,10 +162,14 @@ class Setup:
 
   def _make_round_fn(self, settings: federated.RoundSettings):
     loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
+    sharding = client_sharding(self.config, settings.client_chunk)
+    # Several processes: every output replicated, so each process reads the metrics.
+    out = (None if sharding is None or jax.process_count() == 1 else
+           jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     return jax.jit(federated.make_round_fn(
         loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs, settings,
-        client_sharding=client_sharding(self.config, settings.client_chunk),
-        backward=self.backward), donate_argnums=0)
+        client_sharding=sharding, backward=self.backward), donate_argnums=0,
+        out_shardings=out)
 
   def _choose_chunk(self, value: str) -> None:
     """Resolves ``fl.client_chunk='auto...'`` by compiling candidate rounds
@@ -269,9 +274,13 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str,
   """Locks ``workdir`` for this run and checks it holds this run or none.
 
   With ``restart`` a previous run is moved aside first. Returns the held
-  lock. Writes the fingerprint and config.json only after the check.
+  lock. Writes the fingerprint and config.json only after the check. In a
+  multi-process run only the primary touches the workdir (the others get an
+  unheld lock; multihost.py).
   """
   path = workdir_lib.check_path(workdir)
+  if not multihost.is_primary():
+    return workdir_lib.Lock(path)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -321,11 +330,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
-  run = run_record.RunRecord(workdir, config)
+  primary = multihost.is_primary()
+  quiet = quiet or not primary
+  run = run_record.RunRecord(workdir, config, primary=primary)
   run.layer_names = setup.spec.groups.names
   if setup.chunk_report and not quiet:
     print(setup.chunk_report, flush=True)
   start, state = run.resume(setup.initial_state(), quiet)
+  if jax.process_count() > 1:   # the primary read the checkpoint: everyone starts from it
+    start, state = multihost.broadcast((np.int32(start), jax.device_get(state)))
+    start = int(start)
   run.tensorboard.start(start)
   guard = run_record.DivergenceGuard(config, setup, workdir)
   guard.last_saved = start if start else None
@@ -372,7 +386,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   if ev is None:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
   final = run_record.final_metrics(setup, run, ev, state.params)
-  run_record.write_final(workdir, final)
+  if primary:
+    run_record.write_final(workdir, final)
   return final
 
 
