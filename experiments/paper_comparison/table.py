@@ -2,6 +2,8 @@
 
     .venv/bin/python experiments/paper_comparison/table.py > experiments/paper_comparison/table.md
     .venv/bin/python experiments/paper_comparison/table.py --blocks flagship > experiments/paper_comparison/flagship/blocks.md
+    .venv/bin/python experiments/paper_comparison/table.py --time flagship > experiments/paper_comparison/flagship/time.md
+    .venv/bin/python experiments/paper_comparison/table.py --penalty flagship > experiments/paper_comparison/flagship/penalty.md
 
 Reads the committed sweep outputs (``digits_fixed``, ``digits_hetero``,
 ``flagship``; a strategy a sweep did not run shows "not run"):
@@ -59,9 +61,48 @@ def blocks(name: str) -> None:
     print(f"| {s} | {np.mean(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |")
 
 
+def time_table(name: str) -> None:
+  """Training time per strategy: the sum of each member's per-round seconds
+  (metrics.csv; the first round includes the compile; evaluation not counted)."""
+  import csv
+  workdir = os.path.join(HERE, name)
+  _, _, members = stats.load_spec(workdir)
+  per: dict[str, list[float]] = {}
+  for m in members:
+    with open(os.path.join(workdir, m["name"], "metrics.csv")) as f:
+      seconds = sum(float(r["seconds"]) for r in csv.DictReader(f))
+    per.setdefault(m["values"][STRATEGY], []).append(seconds)
+  print("| strategy | minutes of rounds, all seeds | per seed (s) |")
+  print("|---|---|---|")
+  for s, v in per.items():
+    print(f"| {s} | {sum(v) / 60:.1f} | {', '.join(f'{x:.0f}' for x in v)} |")
+  total = sum(sum(v) for v in per.values())
+  print(f"| all {sum(len(v) for v in per.values())} runs | {total / 60:.1f} | |")
+
+
+PENALISED = (("proposed", "gradnorm"), ("rgn_p1", "rgn"), ("snr_p1", "snr"))
+
+
+def penalty_table(name: str) -> None:
+  """Each penalised rule against its unpenalised twin (same scores, each client
+  alone): paired differences over seeds, in accuracy points, 95% t interval."""
+  rows = rows_of(os.path.join(HERE, name))
+  acc = {(r[STRATEGY], r["seed"]): r["test_accuracy"] for r in rows}
+  print("| penalised - unpenalised | pairs | Δ test accuracy (points, mean ± std) | 95% CI | "
+        "seeds better |")
+  print("|---|---|---|---|---|")
+  for a, b in PENALISED:
+    seeds = sorted(s for (st, s) in acc if st == a and (b, s) in acc)
+    d = [100 * (acc[a, s] - acc[b, s]) for s in seeds]
+    m, sd, h = stats.mean_std_ci(d)
+    print(f"| {a} - {b} | {len(d)} | {m:+.2f} ± {sd:.2f} | [{m - h:+.2f}, {m + h:+.2f}] | "
+          f"{sum(x > 0 for x in d)}/{len(d)} |")
+
+
 def main() -> None:
-  if len(sys.argv) == 3 and sys.argv[1] == "--blocks":
-    blocks(sys.argv[2])
+  modes = {"--blocks": blocks, "--time": time_table, "--penalty": penalty_table}
+  if len(sys.argv) == 3 and sys.argv[1] in modes:
+    modes[sys.argv[1]](sys.argv[2])
     return
   data = {name: rows_of(os.path.join(HERE, name)) for name in {c[0] for c in COLUMNS}
           if os.path.exists(os.path.join(HERE, name, "sweep.json"))}
