@@ -100,6 +100,14 @@ def block_sizes(setup) -> tuple[np.ndarray, np.ndarray, int, int]:
   return sizes, through, common, total
 
 
+def head_size(setup) -> int:
+  """Parameters of the ``head`` module: all the probe fits (a trained
+  embedding, common in federated rows, stays frozen under the probe)."""
+  return sum(int(np.prod(leaf.shape)) for path, leaf in
+             zip(masks_lib.leaf_paths(setup.params), jax.tree_util.tree_leaves(setup.params))
+             if path.split("/")[0] == "head")
+
+
 def step_flops(mask: np.ndarray, sizes, through, common: int, total: int) -> float:
   """Training FLOPs of one example step of a client with ``mask`` (bool[K])."""
   k = len(mask)
@@ -144,8 +152,8 @@ def run_row(base_config, row: str, seed: int, workdir: str) -> dict:
   start = time.perf_counter()
   if row == "probe":
     final = probe.train_and_evaluate(setup, workdir, quiet=True)
-    sizes, _, common, total = block_sizes(setup)
-    final.update(trained_params=float(common), bytes_up=0.0, bytes_down=0.0,
+    _, _, _, total = block_sizes(setup)
+    final.update(trained_params=float(head_size(setup)), bytes_up=0.0, bytes_down=0.0,
                  train_flops=float(2.0 * total * final["num_train"]))  # one forward pass
   else:
     try:
