@@ -23,7 +23,8 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READMES = ("experiments/lambda_sweep/README.md", "experiments/paper_comparison/README.md")
+READMES = ("experiments/lambda_sweep/README.md", "experiments/paper_comparison/README.md",
+           "experiments/baselines/README.md")
 NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?:e[-+]?\d+)?(?!\d|\.\d)")
 BLOCK = re.compile(r"<!-- begin (\S+) -->\n(.*?)<!-- end \1 -->", re.S)
 
