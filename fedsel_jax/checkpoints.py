@@ -58,7 +58,6 @@ class RunCheckpoints:
     self.dir = os.path.join(workdir, "checkpoints")
     self.damaged_dir = os.path.join(workdir, "checkpoints.damaged")
     self.keep = keep
-    self.active = active
     self._mngr = self._manager() if active else None
 
   def _manager(self) -> ocp.CheckpointManager:
@@ -75,7 +74,7 @@ class RunCheckpoints:
                          f"{e}; use --restart to start over") from e
 
   def steps(self) -> list[int]:
-    if not self.active:
+    if self._mngr is None:
       return []
     try:
       return sorted(self._mngr.all_steps())
@@ -84,7 +83,7 @@ class RunCheckpoints:
 
   def save(self, step: int, state: PyTree, rows_csv: str, history: dict[str, np.ndarray],
            fingerprint: str) -> None:
-    if not self.active:
+    if self._mngr is None:
       return
     state = jax.device_get(state)
     meta = {"round": step, "rows_csv": rows_csv, "fingerprint": fingerprint,

@@ -143,18 +143,18 @@ class Setup:
     config, sel, fl = self.config, self.config.selection, self.config.fl
     self.client_opt = make_optimizer(config.client_optim)
     self.server_opt = make_optimizer(config.server_optim)
-    self.chunk = 0 if auto_chunk.is_auto(fl.client_chunk) else fl.client_chunk
+    auto = auto_chunk.is_auto(fl.client_chunk)
     self.chunk_report = None   # what fl.client_chunk='auto' measured and chose
     self.settings = federated.RoundSettings(
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
-        batch_size=fl.batch_size, sel_batches=sel.sel_batches, client_chunk=self.chunk,
-        backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
+        batch_size=fl.batch_size, sel_batches=sel.sel_batches,
+        client_chunk=0 if auto else fl.client_chunk, backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
         diagnostics=config.diagnostics.enabled, diag_estimator=config.diagnostics.estimator,
         diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
         diag_power_iters=config.diagnostics.power_iters,
         solver_starts=sel.solver_starts, unroll=_unroll(config))
     self.population = None
-    if auto_chunk.is_auto(fl.client_chunk):
+    if auto:
       self._choose_chunk(fl.client_chunk)
     self.population = population_data(config, self.clients, self.chunk)
     self.round_fn = self._make_round_fn(self.settings)
@@ -176,24 +176,28 @@ class Setup:
     (auto_chunk.py); sets ``chunk``, ``settings`` and ``chunk_report``."""
     m = self.config.fl.clients_per_round
     state, key = self.initial_state(), jax.random.key(self.config.seed)
+    rd0 = self.round_data(0)   # every candidate divides m: the same data, no padding slot
 
     def measure(chunk: int) -> float:
       settings = dataclasses.replace(self.settings, client_chunk=chunk)
-      self.chunk = chunk   # a divisor of m: the round data has no padding slot
-      rd = self.round_data(0)
+      rd = dict(rd0)
       population = population_data(self.config, self.clients, chunk)
       if population is not None:
         rd["population"] = population
       return auto_chunk.compiled_mb(self._make_round_fn(settings).lower(state, rd, key).compile())
 
-    shapes = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)),
-                                    (state, self.round_data(0)))
+    shapes = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), (state, rd0))
     cache_key = (self.settings, str(jax.tree_util.tree_structure(shapes)),
                  tuple(jax.tree_util.tree_leaves(shapes)), self.costs.tobytes(),
                  None if self.backward is None else self.backward.tobytes())
     shard = jax.device_count() if self.config.fl.get("shard_clients", False) else 1
-    self.chunk, self.chunk_report = auto_chunk.resolve(value, m, measure, cache_key, shard)
-    self.settings = dataclasses.replace(self.settings, client_chunk=self.chunk)
+    chunk, self.chunk_report = auto_chunk.resolve(value, m, measure, cache_key, shard)
+    self.settings = dataclasses.replace(self.settings, client_chunk=chunk)
+
+  @property
+  def chunk(self) -> int:
+    """Clients per chunk of a round, ``fl.client_chunk`` resolved (0 = all)."""
+    return self.settings.client_chunk
 
   def initial_state(self) -> federated.ServerState:
     # A copy: round_fn donates its state, and Setup may start several runs.
