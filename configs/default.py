@@ -87,6 +87,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.fl.cut_levels = ()
   c.fl.unroll = False            # unroll each client's local-step loop (fedsel_jax/client.py)
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
+  # Client data on the device once, rounds gather in-graph (fedsel_jax/device_data.py):
+  # 'auto' (when it fits device_data_max_mb), 'on', 'off' (host gathers every round).
+  c.fl.device_data = "auto"
+  c.fl.device_data_max_mb = 2048.0
   # Stop after this many rounds in a row in which every sampled client
   # returned a non-finite loss or update (such rounds change nothing).
   c.fl.max_bad_rounds = 3

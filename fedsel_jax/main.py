@@ -4,7 +4,10 @@ Any config field can be overridden: ``--config.selection.lam=0.1``. Rerunning
 the same command on an existing DIR resumes from its newest intact
 checkpoint; another config on the same DIR is refused (``--restart`` moves the
 old run aside and starts over). ``--check_only`` validates everything (config,
-data, model, one traced round) and exits without training.
+data, model, one traced round) and exits without training. Compiled rounds go
+to JAX's persistent cache (``--compilation_cache=DIR``, default
+``~/.cache/fedsel_jax/xla``, ``none`` turns it off; ``compile_cache.py``), so a
+rerun or resume of the same config skips the compile.
 
 What a user gets (never a traceback):
 
@@ -29,11 +32,12 @@ import time
 import traceback
 
 USAGE = ("usage: python -m fedsel_jax.main --config configs/NAME.py[:ARG] --workdir DIR "
-         "[--restart] [--check_only] [--jax_distributed [--coordinator_address HOST:PORT "
-         "--num_processes P --process_id I]] [--config.FIELD=VALUE ...]")
+         "[--restart] [--check_only] [--compilation_cache DIR|none] [--jax_distributed "
+         "[--coordinator_address HOST:PORT --num_processes P --process_id I]] "
+         "[--config.FIELD=VALUE ...]")
 FLAGS = {"config": True, "workdir": True, "restart": False, "check_only": False, "help": False,
          "jax_distributed": False, "coordinator_address": True, "num_processes": True,
-         "process_id": True}
+         "process_id": True, "compilation_cache": True}
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 
 
@@ -153,6 +157,8 @@ def parse(argv: list[str]):
   cli.apply_overrides(config, overrides)
   validate.validate_config(config)
   distributed = _distributed_args(values, config)
+  from fedsel_jax import compile_cache
+  compile_cache.enable(values.get("compilation_cache"))
   return config, values.get("workdir"), bool(values.get("restart")), bool(
       values.get("check_only")), distributed
 

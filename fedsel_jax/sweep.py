@@ -31,9 +31,9 @@ from fedsel_jax import sweep_spec
 HYPER_FIELDS = ("selection.lam", "client_optim.lr", "server_optim.lr")
 USAGE = ("usage: python -m fedsel_jax.sweep --config configs/NAME.py[:ARG] --workdir DIR "
          "--sweep FIELD=V1,V2,... [--sweep ...] [--baseline FIELD=VALUE] [--run_chunk N] "
-         "[--sequential] [--config.FIELD=VALUE ...]")
+         "[--sequential] [--compilation_cache DIR|none] [--config.FIELD=VALUE ...]")
 FLAGS = {"config": True, "workdir": True, "sweep[]": True, "baseline": True, "run_chunk": True,
-         "sequential": False, "help": False}
+         "sequential": False, "help": False, "compilation_cache": True}
 
 
 def _is_done(member: sweep_spec.Member, workdir: str) -> bool:
@@ -164,6 +164,8 @@ def parse(argv: list[str]):
   except ValueError:
     raise errors.ConfigError(f"--run_chunk must be an integer, got "
                              f"{values['run_chunk']!r}") from None
+  from fedsel_jax import compile_cache
+  compile_cache.enable(values.get("compilation_cache"))
   return (config, values["workdir"], values["sweep"], values.get("baseline"), run_chunk,
           not values.get("sequential", False))
 

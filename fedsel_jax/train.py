@@ -20,6 +20,7 @@ from fedsel_jax import auto_chunk
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
 from fedsel_jax import datasets
+from fedsel_jax import device_data
 from fedsel_jax import errors
 from fedsel_jax import federated
 from fedsel_jax import local_only
@@ -156,20 +157,40 @@ class Setup:
     self.population = None
     if auto:
       self._choose_chunk(fl.client_chunk)
-    self.population = population_data(config, self.clients, self.chunk)
+    self.population = device_data.population_data(config, self.clients, self.chunk)
     self.round_fn = self._make_round_fn(self.settings)
+    use, self.device_data_note = device_data.wanted(
+        fl.get("device_data", "auto"), self.clients, fl.get("device_data_max_mb", 2048.0),
+        fl.get("shard_clients", False))
+    self.store = device_data.place(self.clients) if use else None   # device_data.py
+    self.data_report = dict(on_device=use, **device_data.padding_report(
+        self.clients, fl.clients_per_round, federated.padded_clients(fl.clients_per_round,
+                                                                     self.chunk)))
+    self.device_round_fn = None if self.store is None else jax.jit(device_data.with_gather(
+        self._round_body(self.settings, None), self.clients.mask.shape[1]), donate_argnums=0)
     self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
+  def _round_body(self, settings: federated.RoundSettings, sharding):
+    return federated.make_round_fn(
+        client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
+        self.server_opt, self.costs, settings, client_sharding=sharding, backward=self.backward)
+
   def _make_round_fn(self, settings: federated.RoundSettings):
-    loss_fn = client_lib.make_loss_fn(self.spec.module.apply)
+    """The jitted round on host round data (``round_data``)."""
     sharding = client_sharding(self.config, settings.client_chunk)
     # Several processes: every output replicated, so each process reads the metrics.
     out = (None if sharding is None or jax.process_count() == 1 else
            jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-    return jax.jit(federated.make_round_fn(
-        loss_fn, self.index, self.k, self.client_opt, self.server_opt, self.costs, settings,
-        client_sharding=sharding, backward=self.backward), donate_argnums=0,
-        out_shardings=out)
+    return jax.jit(self._round_body(settings, sharding), donate_argnums=0, out_shardings=out)
+
+  def train_round(self, state, round_idx: int, key):
+    """(state, metrics, round data) of one round of a run: on the device store
+    when there is one (only slot ids cross to the device), else host data."""
+    if self.store is None:
+      rd = self.round_data(round_idx)
+      return (*self.round_fn(state, rd, key), rd)
+    rd = self.round_data(round_idx, clients=False)
+    return (*self.device_round_fn(state, rd, self.store, key), rd)
 
   def _choose_chunk(self, value: str) -> None:
     """Resolves ``fl.client_chunk='auto...'`` by compiling candidate rounds
@@ -181,7 +202,7 @@ class Setup:
     def measure(chunk: int) -> float:
       settings = dataclasses.replace(self.settings, client_chunk=chunk)
       rd = dict(rd0)
-      population = population_data(self.config, self.clients, chunk)
+      population = device_data.population_data(self.config, self.clients, chunk)
       if population is not None:
         rd["population"] = population
       return auto_chunk.compiled_mb(self._make_round_fn(settings).lower(state, rd, key).compile())
@@ -205,15 +226,20 @@ class Setup:
     return federated.init_server_state(params, self.server_opt,
                                        self.clients.num_clients, self.k)
 
-  def round_data(self, round_idx: int) -> dict[str, np.ndarray]:
-    """Host arrays of round ``round_idx`` (a pure function of seed and round)."""
+  def round_data(self, round_idx: int, clients: bool = True) -> dict[str, np.ndarray]:
+    """Host arrays of round ``round_idx`` (a pure function of seed and round).
+
+    ``clients=False`` leaves out the clients' x, y and mask (the device store
+    holds them; ``num_examples`` stays, the record needs it).
+    """
     c = self.config
     n = self.clients.num_clients
     ids = data_lib.sample_clients(c.seed, round_idx, n, c.fl.clients_per_round)
     m = len(ids)
     mp = federated.padded_clients(m, self.chunk)
     slots = np.concatenate([ids, np.full(mp - m, n, np.int32)])
-    rd = self.clients.take(np.minimum(slots, n - 1))
+    rd = (self.clients.take(np.minimum(slots, n - 1)) if clients else
+          dict(num_examples=self.clients.num_examples[np.minimum(slots, n - 1)]))
     rd.update(client_ids=slots, valid=slots < n,
               budgets=self.budgets[np.minimum(slots, n - 1)].astype(np.float32),
               lam=np.float32(c.selection.lam),
@@ -222,30 +248,6 @@ class Setup:
     if self.population is not None:
       rd["population"] = self.population
     return rd
-
-
-def population_data(config, clients: data_lib.ClientArrays, chunk: int) -> dict | None:
-  """Every client's data on the device once, for ``diagnostics.population``.
-
-  Rule: the padded arrays (N rounded up to the round's chunk, x n_max
-  examples) must fit ``diagnostics.population_max_mb``; the gradient pass
-  streams them in chunks like a round (docs/diagnostics.md).
-  """
-  d = config.diagnostics
-  if not (d.enabled and d.population):
-    return None
-  n, m = clients.num_clients, config.fl.clients_per_round
-  chunk = min(chunk, m) if chunk > 0 else m  # the round's chunk
-  slots = -(-n // chunk) * chunk
-  mb = slots * sum(a[0].nbytes for a in (clients.x, clients.y, clients.mask)) / 2 ** 20
-  if mb > d.population_max_mb:
-    raise ConfigError(f"diagnostics.population must be False for this federation: its padded "
-                      f"data ({slots} clients x {clients.x.shape[1]} examples) takes {mb:.0f} MB, "
-                      f"above diagnostics.population_max_mb={d.population_max_mb}")
-  pad = np.minimum(np.arange(slots), n - 1)
-  counts = np.where(np.arange(slots) < n, clients.num_examples[pad], 0).astype(np.int32)
-  return jax.device_put(dict(x=clients.x[pad], y=clients.y[pad], num_examples=counts,
-                             client_ids=np.arange(slots, dtype=np.int32)))
 
 
 def _unroll(config) -> bool:
@@ -340,6 +342,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   run.layer_names = setup.spec.groups.names
   if setup.chunk_report and not quiet:
     print(setup.chunk_report, flush=True)
+  if setup.device_data_note and not quiet:
+    print(f"note: client data not on the device: {setup.device_data_note}", flush=True)
   start, state = run.resume(setup.initial_state(), quiet)
   if jax.process_count() > 1:   # the primary read the checkpoint: everyone starts from it
     start, state = multihost.broadcast((np.int32(start), jax.device_get(state)))
@@ -358,8 +362,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   try:
     for t in bar:
       t0 = time.perf_counter()
-      rd = setup.round_data(t)
-      state, metrics = setup.round_fn(state, rd, key)
+      state, metrics, rd = setup.train_round(state, t, key)
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - t0
       last = t + 1 == num_rounds

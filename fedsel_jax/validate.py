@@ -99,6 +99,8 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "fl.batch_size": _int(1), "fl.client_chunk": auto_chunk.check, "fl.backprop_cut": _bool,
     "fl.cut_levels": _levels,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),
+    "fl.device_data": _choice("auto", "on", "off"),   # = device_data.MODES
+    "fl.device_data_max_mb": _num(0, strict_lo=True),
     "client_optim.name": _choice(*OPTIMIZERS), "server_optim.name": _choice(*OPTIMIZERS),
     "client_optim.lr": _num(0, strict_lo=True), "server_optim.lr": _num(0, strict_lo=True),
     "client_optim.momentum": _num(0, 1, strict_hi=True),
@@ -113,7 +115,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "selection.budget.mean": _num(), "selection.budget.std": _num(0, strict_lo=True),
     "eval_every": _int(1), "eval_batch_size": _int(1), "checkpoint_every": _int(1),
     "checkpoint_keep": _int(1),
-    # docs/diagnostics.md; the population's memory rule needs the data (train.population_data)
+    # docs/diagnostics.md; the population's memory rule needs data (device_data.population_data)
     "diagnostics.enabled": _bool, "diagnostics.every": _int(1),
     "diagnostics.batches": _int(1),
     "diagnostics.population": _bool, "diagnostics.population_max_mb": _num(0, strict_lo=True),

@@ -32,7 +32,8 @@ from fedsel_jax.errors import WorkdirError
 # grow (never fall below the rounds done; train.py checks).
 RESUMABLE = ("fl.num_rounds", "fl.max_bad_rounds", "eval_every", "eval_batch_size",
              "checkpoint_every", "checkpoint_keep", "diagnostics.every",
-             "compare_strategies", "selection.check_exact", "data.data_dir", "data.archive")
+             "compare_strategies", "selection.check_exact", "data.data_dir", "data.archive",
+             "fl.device_data", "fl.device_data_max_mb")   # where data lives, not what it is
 
 FINGERPRINT = "fingerprint.json"
 LOCK = ".lock"

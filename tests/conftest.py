@@ -3,6 +3,9 @@ import sys
 
 # `configs/` lives at the repository root, beside the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The commands' persistent compilation cache stays out of the suite (and out
+# of the home directory) unless a test turns it on (test_compile_cache.py).
+os.environ.setdefault("FEDSEL_JAX_COMPILATION_CACHE", "none")
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,140 @@
+"""The federation's training data on the device once; rounds gather in-graph.
+
+Without this, every round gathers its sampled clients' padded arrays on the
+host (``ClientArrays.take``) and copies them to the device: ``Mp x n_max``
+rows per round, where ``n_max`` is the largest client of the federation, so
+the copy grows with the largest client, not with the average one.
+
+Here the set-up places one *flat store* on the device: every client's real
+rows, concatenated (no padding at all), with each client's offset and count.
+A round passes only its slot ids; the jitted round rebuilds the padded
+``[Mp, n_max]`` arrays in-graph with one gather. Row ``j`` of client ``i``
+is its real row ``j mod n_i``, exactly the rule of ``data.pad_clients``
+(``np.resize``), so the rebuilt arrays equal the host ones bit for bit and a
+run gives the same numbers either way (``tests/test_device_data.py``).
+
+Storage waste is zero (the store holds each real row once); what remains is
+the round's transient padding, ``Mp x n_max`` rows against the sampled
+clients' real rows, which :func:`padding_report` states. The round's own
+computation does not grow with it: a client update reads ``tau x B`` rows.
+
+``fl.device_data``: ``'auto'`` (the store on the device when it fits
+``fl.device_data_max_mb``, otherwise host gathers, said in one line), ``'on'``,
+``'off'``. Runs that shard the client axis over devices or processes
+(``fl.shard_clients``) keep the host path: their round data is a global
+array laid out over the client mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsel_jax.data import ClientArrays
+from fedsel_jax.errors import ConfigError
+
+MODES = ("auto", "on", "off")
+FIELDS = ("x", "y", "mask", "num_examples")
+
+
+def flat_store(clients: ClientArrays) -> dict[str, np.ndarray]:
+  """Host arrays of the store: ``x [T, ...]``, ``y [T]``, ``offsets``, ``counts`` int32[N]."""
+  counts = np.asarray(clients.num_examples, np.int32)
+  rows = np.arange(clients.mask.shape[1])[None, :] < counts[:, None]   # real rows first
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+  return dict(x=clients.x[rows], y=clients.y[rows], offsets=offsets, counts=counts)
+
+
+def store_mb(clients: ClientArrays) -> float:
+  """Device megabytes the flat store takes."""
+  rows = int(np.sum(clients.num_examples))
+  per_row = clients.x[0, 0].nbytes + clients.y[0, 0].nbytes
+  return (rows * per_row + 8 * clients.num_clients) / 2 ** 20
+
+
+def gather(store: dict, slots: jax.Array, n_max: int) -> dict[str, jax.Array]:
+  """The padded round arrays of ``slots`` (int[Mp]; ids >= N are padding slots).
+
+  Equals ``ClientArrays.take(minimum(slots, N - 1))``: padding slots repeat
+  the last client, as on the host.
+  """
+  n = store["counts"].shape[0]
+  ids = jnp.minimum(slots, n - 1)
+  counts = store["counts"][ids]
+  j = jnp.arange(n_max, dtype=jnp.int32)
+  rows = store["offsets"][ids][:, None] + j[None, :] % counts[:, None]
+  return dict(x=store["x"][rows], y=store["y"][rows], mask=j[None, :] < counts[:, None],
+              num_examples=counts)
+
+
+def with_gather(round_fn: Callable, n_max: int) -> Callable:
+  """``fn(state, round_data, store, key)``: the round on in-graph gathered data.
+
+  ``round_data`` is what the host round data holds minus the client arrays
+  (``FIELDS``); ``store`` is the device store (:func:`place`).
+  """
+
+  def fn(state, rd: dict, store: dict, key):
+    return round_fn(state, dict(rd, **gather(store, rd["client_ids"], n_max)), key)
+
+  return fn
+
+
+def place(clients: ClientArrays) -> dict[str, Any]:
+  """The store on the default device (once, at set-up)."""
+  return jax.device_put(flat_store(clients))
+
+
+def wanted(mode: str, clients: ClientArrays, max_mb: float, sharded: bool) -> tuple[bool, str]:
+  """(use the device store, why not if not) for ``fl.device_data=mode``."""
+  if mode == "off":
+    return False, ""
+  if sharded:
+    return False, "fl.shard_clients: the round data is a global array over the client mesh"
+  mb = store_mb(clients)
+  if mode == "auto" and mb > max_mb:
+    return False, (f"its {mb:.0f} MB exceed fl.device_data_max_mb={max_mb:g}; rounds gather "
+                   "on the host")
+  return True, ""
+
+
+def padding_report(clients: ClientArrays, clients_per_round: int, slots: int) -> dict[str, float]:
+  """What the store and a round's padded arrays hold against the real rows.
+
+  ``round_rows_over_real``: expected ``slots x n_max`` over the expected real
+  rows of ``clients_per_round`` uniformly sampled clients.
+  """
+  counts = np.asarray(clients.num_examples, np.float64)
+  n_max = clients.mask.shape[1]
+  return dict(real_rows=float(counts.sum()), store_rows=float(counts.sum()),
+              rectangle_rows=float(len(counts) * n_max), n_max=float(n_max),
+              mean_rows=float(counts.mean()),
+              round_rows_over_real=float(slots * n_max / (clients_per_round * counts.mean())),
+              store_mb=store_mb(clients))
+
+
+def population_data(config, clients: ClientArrays, chunk: int) -> dict | None:
+  """Every client's data on the device once, for ``diagnostics.population``.
+
+  Rule: the padded arrays (N rounded up to the round's chunk, x n_max
+  examples) must fit ``diagnostics.population_max_mb``; the gradient pass
+  streams them in chunks like a round (docs/diagnostics.md).
+  """
+  d = config.diagnostics
+  if not (d.enabled and d.population):
+    return None
+  n, m = clients.num_clients, config.fl.clients_per_round
+  chunk = min(chunk, m) if chunk > 0 else m  # the round's chunk
+  slots = -(-n // chunk) * chunk
+  mb = slots * sum(a[0].nbytes for a in (clients.x, clients.y, clients.mask)) / 2 ** 20
+  if mb > d.population_max_mb:
+    raise ConfigError(f"diagnostics.population must be False for this federation: its padded "
+                      f"data ({slots} clients x {clients.x.shape[1]} examples) takes {mb:.0f} MB, "
+                      f"above diagnostics.population_max_mb={d.population_max_mb}")
+  pad = np.minimum(np.arange(slots), n - 1)
+  counts = np.where(np.arange(slots) < n, clients.num_examples[pad], 0).astype(np.int32)
+  return jax.device_put(dict(x=clients.x[pad], y=clients.y[pad], num_examples=counts,
+                             client_ids=np.arange(slots, dtype=np.int32)))
