@@ -75,6 +75,18 @@ def compile_table(name: str, rep: dict) -> list[str]:
   return out + [""]
 
 
+def rerun_table(name: str, rep: dict) -> list[str]:
+  sets = " ".join(rep["set"]) or "its defaults"
+  out = [f"### `{name}` (experiments/bench/cache_rerun.py)", "",
+         f"`{rep['config']}` with {sets}; two fresh processes on one new cache directory; load "
+         f"average {_load(rep['load'])} before, {_load(rep['load_after'])} after.", "",
+         "| process | trace + lower s | compile (or cache load) s | first call s | cache hit |",
+         "|---|---|---|---|---|"]
+  out += [f"| {r['variant']} | {r['trace_lower_s']:.1f} | {r['compile_s']:.1f} | "
+          f"{r['first_call_s']:.1f} | {'yes' if r['cache_hit'] else 'no'} |" for r in rep["rows"]]
+  return out + [""]
+
+
 def main():
   lines = ["# Round speed", ""]
   notes = os.path.join(HERE, "notes.md")
@@ -86,6 +98,8 @@ def main():
     name = os.path.relpath(path, HERE)
     if "rev" in rep:
       lines += before_after_table(name, rep)
+    elif rep["rows"] and "first_call_s" in rep["rows"][0]:
+      lines += rerun_table(name, rep)
     elif rep["rows"] and "variant" in rep["rows"][0]:
       lines += compile_table(name, rep)
     else:
