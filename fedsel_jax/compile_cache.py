@@ -42,27 +42,30 @@ def resolve(flag: str | None) -> str | None:
 def enable(flag: str | None = None, min_compile_seconds: float = 1.0) -> str | None:
   """Points JAX's persistent cache at ``resolve(flag)``; returns the directory.
 
-  Executables that took less than ``min_compile_seconds`` to compile are not
-  written (JAX's own threshold; small jits are cheaper to recompile than to
-  load). A directory that cannot be created turns the cache off with a
+  ``None`` from ``resolve`` turns JAX's cache off, also when
+  ``JAX_COMPILATION_CACHE_DIR`` had turned it on at import. Executables
+  that took less than ``min_compile_seconds`` to compile are not written
+  (JAX's own threshold; small jits are cheaper to recompile than to load).
+  A directory that cannot be created or written turns the cache off with a
   warning instead of failing the run: the cache only saves time.
   """
   import jax
+  from jax.experimental.compilation_cache import compilation_cache
   path = resolve(flag)
-  if path is None:
-    return None
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    print(f"warning: compilation cache off ({path}: {e.strerror or e})", flush=True)
-    return None
+  if path is not None:
+    try:
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK):
+        raise PermissionError(13, "not writable")
+    except OSError as e:
+      print(f"warning: compilation cache off ({path}: {e.strerror or e})", flush=True)
+      path = None
+  jax.config.update("jax_enable_compilation_cache", path is not None)
   jax.config.update("jax_compilation_cache_dir", path)
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:   # JAX's own wins
+  if path is not None and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   # JAX sets its cache up at the first compile of the process; one that came
   # before this call (a test, an earlier run in the process) would otherwise
   # keep the old setting.
-  from jax.experimental.compilation_cache import compilation_cache
   compilation_cache.reset_cache()
   return path

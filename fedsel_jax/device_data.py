@@ -10,8 +10,10 @@ rows, concatenated (no padding at all), with each client's offset and count.
 A round passes only its slot ids; the jitted round rebuilds the padded
 ``[Mp, n_max]`` arrays in-graph with one gather. Row ``j`` of client ``i``
 is its real row ``j mod n_i``, exactly the rule of ``data.pad_clients``
-(``np.resize``), so the rebuilt arrays equal the host ones bit for bit and a
-run gives the same numbers either way (``tests/test_device_data.py``).
+(``np.resize``), so the rebuilt arrays equal the host ones bit for bit; a
+run gives the same numbers either way on XLA:CPU (``tests/test_device_data.py``;
+on an accelerator the two are different programs, which XLA may fuse
+differently).
 
 Storage waste is zero (the store holds each real row once); what remains is
 the round's transient padding, ``Mp x n_max`` rows against the sampled
@@ -20,9 +22,11 @@ computation does not grow with it: a client update reads ``tau x B`` rows.
 
 ``fl.device_data``: ``'auto'`` (the store on the device when it fits
 ``fl.device_data_max_mb``, otherwise host gathers, said in one line), ``'on'``,
-``'off'``. Runs that shard the client axis over devices or processes
-(``fl.shard_clients``) keep the host path: their round data is a global
-array laid out over the client mesh.
+``'off'``. The training loop of a run (``Setup.train_round``) uses it; runs
+that shard the client axis over devices or processes (``fl.shard_clients``)
+keep the host path (their round data is a global array laid out over the
+client mesh), and so do vmapped sweep groups, the bench and
+``fl.client_chunk='auto'``, which sizes the host-data round.
 """
 
 from __future__ import annotations
@@ -73,14 +77,15 @@ def gather(store: dict, slots: jax.Array, n_max: int) -> dict[str, jax.Array]:
 def with_gather(round_fn: Callable, n_max: int) -> Callable:
   """``fn(state, round_data, store, key)``: the round on in-graph gathered data.
 
-  ``round_data`` is what the host round data holds minus the client arrays
-  (``FIELDS``); ``store`` is the device store (:func:`place`).
+  ``round_data`` is ``Setup.round_data(t, clients=False)``: the host round
+  data without x, y and mask (its ``num_examples`` is replaced by the
+  store's); ``store`` is the device store (:func:`place`).
   """
 
-  def fn(state, rd: dict, store: dict, key):
+  def round_on_store(state, rd: dict, store: dict, key):
     return round_fn(state, dict(rd, **gather(store, rd["client_ids"], n_max)), key)
 
-  return fn
+  return round_on_store
 
 
 def place(clients: ClientArrays) -> dict[str, Any]:

@@ -135,8 +135,13 @@ def check_only(config) -> None:
   import jax
   for c in strategy_configs(config):
     setup = make_setup(c)
-    jax.eval_shape(setup.round_fn, setup.initial_state(), setup.round_data(0),
-                   jax.random.key(c.seed))
+    key = jax.random.key(c.seed)
+    if setup.uses_store:   # the program training runs: the in-graph gather from the store
+      from fedsel_jax import device_data
+      jax.eval_shape(setup.device_round_fn, setup.initial_state(),
+                     setup.round_data(0, clients=False), device_data.flat_store(setup.clients), key)
+    else:
+      jax.eval_shape(setup.round_fn, setup.initial_state(), setup.round_data(0), key)
   print("ok: the config is valid and a round traces", flush=True)
 
 

@@ -232,7 +232,7 @@ def final_metrics(setup, run: RunRecord, ev: dict, params) -> dict[str, Any]:
            if run.rows else float("nan"), **selection.cost_totals(run.rows)}
   if setup.holdout is not None:
     final["client_holdout_accuracy"] = local_only.federated_holdout(setup, params)
-  final["client_data"] = setup.data_report   # where the data lived, its padding (device_data.py)
+  final["client_data"] = setup.data_report()   # where the data lived, its padding (device_data.py)
   if setup.chunk_report:   # fl.client_chunk="auto": what it chose
     final["client_chunk"] = setup.chunk
     final["client_chunk_report"] = setup.chunk_report

@@ -159,14 +159,10 @@ class Setup:
       self._choose_chunk(fl.client_chunk)
     self.population = device_data.population_data(config, self.clients, self.chunk)
     self.round_fn = self._make_round_fn(self.settings)
-    use, self.device_data_note = device_data.wanted(
-        fl.get("device_data", "auto"), self.clients, fl.get("device_data_max_mb", 2048.0),
-        fl.get("shard_clients", False))
-    self.store = device_data.place(self.clients) if use else None   # device_data.py
-    self.data_report = dict(on_device=use, **device_data.padding_report(
-        self.clients, fl.clients_per_round, federated.padded_clients(fl.clients_per_round,
-                                                                     self.chunk)))
-    self.device_round_fn = None if self.store is None else jax.jit(device_data.with_gather(
+    self.uses_store, self.device_data_note = device_data.wanted(
+        fl.device_data, self.clients, fl.device_data_max_mb, fl.get("shard_clients", False))
+    self.store = None   # placed by the first train_round (sweeps and the bench never do)
+    self.device_round_fn = None if not self.uses_store else jax.jit(device_data.with_gather(
         self._round_body(self.settings, None), self.clients.mask.shape[1]), donate_argnums=0)
     self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
@@ -183,12 +179,21 @@ class Setup:
            jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     return jax.jit(self._round_body(settings, sharding), donate_argnums=0, out_shardings=out)
 
+  def data_report(self) -> dict[str, Any]:
+    """final.json's ``client_data``: whether rounds read the device store, and padding."""
+    fl = self.config.fl
+    return dict(on_device=self.store is not None, **device_data.padding_report(
+        self.clients, fl.clients_per_round, federated.padded_clients(fl.clients_per_round,
+                                                                     self.chunk)))
+
   def train_round(self, state, round_idx: int, key):
     """(state, metrics, round data) of one round of a run: on the device store
     when there is one (only slot ids cross to the device), else host data."""
-    if self.store is None:
+    if not self.uses_store:
       rd = self.round_data(round_idx)
       return (*self.round_fn(state, rd, key), rd)
+    if self.store is None:
+      self.store = device_data.place(self.clients)
     rd = self.round_data(round_idx, clients=False)
     return (*self.device_round_fn(state, rd, self.store, key), rd)
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import ml_collections
 
 from fedsel_jax import auto_chunk
+from fedsel_jax import device_data
 from fedsel_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -99,7 +100,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "fl.batch_size": _int(1), "fl.client_chunk": auto_chunk.check, "fl.backprop_cut": _bool,
     "fl.cut_levels": _levels,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),
-    "fl.device_data": _choice("auto", "on", "off"),   # = device_data.MODES
+    "fl.device_data": _choice(*device_data.MODES),
     "fl.device_data_max_mb": _num(0, strict_lo=True),
     "client_optim.name": _choice(*OPTIMIZERS), "server_optim.name": _choice(*OPTIMIZERS),
     "client_optim.lr": _num(0, strict_lo=True), "server_optim.lr": _num(0, strict_lo=True),

@@ -6,6 +6,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The commands' persistent compilation cache stays out of the suite (and out
 # of the home directory) unless a test turns it on (test_compile_cache.py).
 os.environ.setdefault("FEDSEL_JAX_COMPILATION_CACHE", "none")
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)   # JAX's own, read when jax is imported
 
 import pytest  # noqa: E402
 
