@@ -47,9 +47,9 @@ FIELDS = ("x", "y", "mask", "num_examples")
 def flat_store(clients: ClientArrays) -> dict[str, np.ndarray]:
   """Host arrays of the store: ``x [T, ...]``, ``y [T]``, ``offsets``, ``counts`` int32[N]."""
   counts = np.asarray(clients.num_examples, np.int32)
-  rows = np.arange(clients.mask.shape[1])[None, :] < counts[:, None]   # real rows first
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
-  return dict(x=clients.x[rows], y=clients.y[rows], offsets=offsets, counts=counts)
+  real = clients.mask   # real rows first, in order: row-major selection concatenates them
+  return dict(x=clients.x[real], y=clients.y[real], offsets=offsets, counts=counts)
 
 
 def store_mb(clients: ClientArrays) -> float:

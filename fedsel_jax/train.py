@@ -149,7 +149,8 @@ class Setup:
     self.settings = federated.RoundSettings(
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
         batch_size=fl.batch_size, sel_batches=sel.sel_batches,
-        client_chunk=0 if auto else fl.client_chunk, backprop_cut=fl.backprop_cut, cut_levels=tuple(fl.cut_levels),
+        client_chunk=0 if auto else fl.client_chunk, backprop_cut=fl.backprop_cut,
+        cut_levels=tuple(fl.cut_levels),
         diagnostics=config.diagnostics.enabled, diag_estimator=config.diagnostics.estimator,
         diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
         diag_power_iters=config.diagnostics.power_iters,
@@ -243,10 +244,11 @@ class Setup:
     m = len(ids)
     mp = federated.padded_clients(m, self.chunk)
     slots = np.concatenate([ids, np.full(mp - m, n, np.int32)])
-    rd = (self.clients.take(np.minimum(slots, n - 1)) if clients else
-          dict(num_examples=self.clients.num_examples[np.minimum(slots, n - 1)]))
+    owner = np.minimum(slots, n - 1)   # padding slots repeat the last client
+    rd = (self.clients.take(owner) if clients else
+          dict(num_examples=self.clients.num_examples[owner]))
     rd.update(client_ids=slots, valid=slots < n,
-              budgets=self.budgets[np.minimum(slots, n - 1)].astype(np.float32),
+              budgets=self.budgets[owner].astype(np.float32),
               lam=np.float32(c.selection.lam),
               reselect=np.bool_(round_idx % c.selection.sel_gap == 0),
               diagnose=np.bool_(round_idx % c.diagnostics.every == 0))
