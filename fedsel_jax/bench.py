@@ -5,9 +5,11 @@
 
 For each mask kind it times, on the config's round-0 clients and data:
 
-* ``round``: the project's jitted round (``train.Setup.round_fn``) with the
-  masks given as data (no re-selection, no diagnostics: training,
-  aggregation and the server step);
+* ``round``: the project's jitted round (``train.Setup.round_fn``, or
+  ``Setup.device_round_fn`` on the device store when the config's run uses
+  it, as ``fl.device_data='auto'`` does when the store fits) with the masks
+  given as data (no re-selection, no diagnostics: training, aggregation and
+  the server step);
 * ``loop``: a per-client Python loop over the same jitted ``client_update``
   streamed into the same aggregation;
 * ``torch_T``: the authors' sequential PyTorch pattern (``../shared/BENCH.md``)
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsel_jax import aggregate
+from fedsel_jax import device_data
 from fedsel_jax import flops as flops_lib
 from fedsel_jax import federated
 from fedsel_jax import client as client_lib
@@ -126,17 +129,30 @@ def given_masks_inputs(setup, rd: dict, masks: np.ndarray):
 
 
 def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict:
-  """Times the jitted round on given masks; compile time, memory analysis."""
+  """Times the jitted round on given masks; compile time, memory analysis.
+
+  The round reads its clients as a run's training loop does
+  (``Setup.train_round``): from the device store when the run uses one
+  (only slot ids cross per round), else from host round data.
+  """
   make_state, rd = given_masks_inputs(setup, rd, masks)
+  if setup.uses_store:
+    if setup.store is None:
+      setup.store = device_data.place(setup.clients)
+    fn, extra = setup.device_round_fn, (setup.store,)
+    rd = {f: v for f, v in rd.items() if f not in ("x", "y", "mask")}
+  else:
+    fn, extra = setup.round_fn, ()
   dev_rd = jax.device_put(rd)
   t0 = time.perf_counter()
-  compiled = setup.round_fn.lower(make_state(), dev_rd, key).compile()
+  compiled = fn.lower(make_state(), dev_rd, *extra, key).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   states = [make_state() for _ in range(repeats + 1)]
   it = iter(states)
-  res = timed(lambda: compiled(next(it), dev_rd, key)[0].params, repeats)
+  res = timed(lambda: compiled(next(it), dev_rd, *extra, key)[0].params, repeats)
   res["compile_s"] = compile_s
+  res["round_data"] = "device store" if setup.uses_store else "host"
   if mem is not None:
     res["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
     res["xla_args_mb"] = mem.argument_size_in_bytes / 2 ** 20
@@ -221,7 +237,8 @@ def format_row(row: dict) -> str:
   lines = [f"masks={row['masks']} (mean {row['mean_blocks']:.2f} blocks/client), "
            f"{row['samples']} samples/round"]
   for name, r in row["modes"].items():
-    extra = f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+    extra = (f"  compile {r['compile_s']:.1f} s, data: {r['round_data']}"
+             if "compile_s" in r else "")
     lines.append(f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
                  f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB"
                  f"  first call {r['first_s']:.1f} s{extra}")

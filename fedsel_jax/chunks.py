@@ -5,13 +5,16 @@
 outputs), optionally choosing one of several static variants per chunk
 (``lax.switch``). ``group_order`` and ``pick_variant`` put clients with equal
 masks together and pick the cheapest variant covering a chunk's masks
-(``fl.backprop_cut``).
+(``fl.backprop_cut``). A :class:`Deferred` leaf is client data the scan builds
+chunk by chunk (device_data gathers client rows from the device store so),
+so a round never holds every slot's padded rows at once.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +38,39 @@ def identity(tree: PyTree) -> PyTree:
   return tree
 
 
+@flax.struct.dataclass
+class Deferred:
+  """Per-slot client data built inside the chunk scan, one chunk at a time.
+
+  Attributes:
+    ids: int32[Mp], its only per-slot leaf (what chunks slice and permute).
+    source: pytree read by every chunk, not per slot (e.g. the device store).
+    build: static ``build(source, ids int32[C]) -> array [C, ...]``; hashable
+      and compared by value (a frozen dataclass), so equal builds trace alike.
+  """
+
+  ids: jax.Array
+  source: PyTree
+  build: Callable = flax.struct.field(pytree_node=False)
+
+
+def is_deferred(a: Any) -> bool:
+  return isinstance(a, Deferred)
+
+
+def take_slots(tree: PyTree, idx: jax.Array) -> PyTree:
+  """``tree`` with its client-slot axis indexed by ``idx`` (Deferred: its ids only)."""
+  return jax.tree_util.tree_map(
+      lambda a: a.replace(ids=a.ids[idx]) if is_deferred(a) else a[idx], tree,
+      is_leaf=is_deferred)
+
+
+def materialize(tree: PyTree) -> PyTree:
+  """``tree`` with every Deferred leaf built for all its slots (the naive reference)."""
+  return jax.tree_util.tree_map(lambda a: a.build(a.source, a.ids) if is_deferred(a) else a,
+                                tree, is_leaf=is_deferred)
+
+
 def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree,
                        clients: PyTree, chunk: int, *, init: PyTree = None,
                        combine: Callable | None = None, branch: Callable | None = None,
@@ -49,7 +85,9 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
     client_fns: ``fn(shared, client) -> out`` for ONE client, or a static
       list of variants of it (then ``branch`` picks one per chunk).
     shared: pytree read by every client (unbatched, e.g. theta^t).
-    clients: pytree with leading axis Mp (client slots), Mp % chunk == 0.
+    clients: pytree with leading axis Mp (client slots), Mp % chunk == 0;
+      its :class:`Deferred` leaves are built for each chunk's slots inside
+      the scan body (so only one chunk's arrays exist at a time).
     chunk: clients vmapped together.
     init: initial carry of ``combine``.
     combine: ``combine(carry, outs, chunk_clients) -> (carry, kept)`` with
@@ -69,14 +107,19 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
   chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
                for f in fns]
 
+  leaves, treedef = jax.tree_util.tree_flatten(clients, is_leaf=is_deferred)
+  slots = [a.ids if is_deferred(a) else a for a in leaves]
+
   def body(carry, c):
+    c = treedef.unflatten([a.build(a.source, x) if is_deferred(a) else x
+                           for a, x in zip(leaves, c)])
     c = constrain(c)
     if branch is None:
       return chunk_fns[0](carry, c)
     return jax.lax.switch(branch(c), chunk_fns, carry, c)
 
-  carry, kept = jax.lax.scan(body, init, _chunks(clients, chunk))
-  mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
+  carry, kept = jax.lax.scan(body, init, _chunks(slots, chunk))
+  mp = slots[0].shape[0]
   return carry, jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
 
 

@@ -7,8 +7,10 @@ the copy grows with the largest client, not with the average one.
 
 Here the set-up places one *flat store* on the device: every client's real
 rows, concatenated (no padding at all), with each client's offset and count.
-A round passes only its slot ids; the jitted round rebuilds the padded
-``[Mp, n_max]`` arrays in-graph with one gather. Row ``j`` of client ``i``
+A round passes only its slot ids; inside the jitted round each chunk of
+``client_chunk`` clients gathers its own padded ``[C, n_max]`` rows when the
+chunk scan reaches it (``chunks.Deferred``), so the whole round's
+``[Mp, n_max]`` arrays never exist. Row ``j`` of client ``i``
 is its real row ``j mod n_i``, exactly the rule of ``data.pad_clients``
 (``np.resize``), so the rebuilt arrays equal the host ones bit for bit; a
 run gives the same numbers either way on XLA:CPU (``tests/test_device_data.py``;
@@ -16,8 +18,9 @@ on an accelerator the two are different programs, which XLA may fuse
 differently).
 
 Storage waste is zero (the store holds each real row once); what remains is
-the round's transient padding, ``Mp x n_max`` rows against the sampled
-clients' real rows, which :func:`padding_report` states. The round's own
+one chunk's transient padding at a time, ``C x n_max`` rows; the host path's
+round arrays hold ``Mp x n_max`` rows against the sampled clients' real
+rows, which :func:`padding_report` states. The round's own
 computation does not grow with it: a client update reads ``tau x B`` rows.
 
 ``fl.device_data``: ``'auto'`` (the store on the device when it fits
@@ -31,12 +34,14 @@ client mesh), and so do vmapped sweep groups, the bench and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsel_jax.chunks import Deferred
 from fedsel_jax.data import ClientArrays
 from fedsel_jax.errors import ConfigError
 
@@ -74,16 +79,36 @@ def gather(store: dict, slots: jax.Array, n_max: int) -> dict[str, jax.Array]:
               num_examples=counts)
 
 
-def with_gather(round_fn: Callable, n_max: int) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class StoreRows:
+  """``Deferred.build`` of one field: the padded rows of ``field`` for a chunk's slots."""
+
+  field: str
+  n_max: int
+
+  def __call__(self, store: dict, slots: jax.Array) -> jax.Array:
+    return gather(store, slots, self.n_max)[self.field]
+
+
+def with_gather(round_fn: Callable, n_max: int, per_chunk: bool = True) -> Callable:
   """``fn(state, round_data, store, key)``: the round on in-graph gathered data.
 
   ``round_data`` is ``Setup.round_data(t, clients=False)``: the host round
   data without x, y and mask (its ``num_examples`` is replaced by the
-  store's); ``store`` is the device store (:func:`place`).
+  store's); ``store`` is the device store (:func:`place`). ``per_chunk``:
+  x and y are gathered chunk by chunk inside the round's scans (False: the
+  whole round's ``[Mp, n_max]`` rows up front, the reference the tests
+  compare with).
   """
 
   def round_on_store(state, rd: dict, store: dict, key):
-    return round_fn(state, dict(rd, **gather(store, rd["client_ids"], n_max)), key)
+    ids = rd["client_ids"]
+    small = gather(store, ids, n_max)           # XLA drops its unused x and y rows
+    if not per_chunk:
+      return round_fn(state, dict(rd, **small), key)
+    rows = {f: Deferred(ids, store, StoreRows(f, n_max)) for f in ("x", "y")}
+    return round_fn(state, dict(rd, mask=small["mask"], num_examples=small["num_examples"],
+                                **rows), key)
 
   return round_on_store
 

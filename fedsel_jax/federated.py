@@ -47,6 +47,7 @@ from fedsel_jax.chunks import identity
 from fedsel_jax.chunks import padded_clients  # noqa: F401
 from fedsel_jax.chunks import pick_variant
 from fedsel_jax.chunks import scan_client_chunks
+from fedsel_jax.chunks import take_slots
 from fedsel_jax.chunks import variant_cost  # noqa: F401
 from fedsel_jax import diagnostics
 from fedsel_jax import scores as scores_lib
@@ -231,8 +232,8 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   k, mp = parts.k, masks.shape[0]
   several = len(parts.updates) > 1
   order = group_order(masks, rd["valid"]) if several else jnp.arange(mp)
-  clients = jax.tree_util.tree_map(lambda a: a[order], dict(
-      data=_client_data(rd), masks=masks, keys=client_keys, weights=weights))
+  clients = take_slots(dict(data=_client_data(rd), masks=masks, keys=client_keys,
+                            weights=weights), order)
   fns = [lambda p, c, u=u: u(p, c["data"], c["masks"], c["keys"]) for u in parts.updates]
 
   def combine(agg, res, c):

@@ -22,6 +22,7 @@ def test_bench_reports_every_mode_and_flop_count(tmp_path):
   top2, rand = report["rows"]
   for row in (top2, rand):
     assert set(row["modes"]) == {"round", "loop"}
+    assert row["modes"]["round"]["round_data"] == "device store"   # what a run reads (auto)
     assert row["modes"]["round"]["samples_per_s"] > 0 and row["needed_flops"] > 0
     # executed counts elementwise work (optimizer, norms) the analytic need leaves out
     assert 0.5 < row["executed_over_needed"] < 3.0
@@ -29,3 +30,15 @@ def test_bench_reports_every_mode_and_flop_count(tmp_path):
   # the top-2 consensus round needs and executes less than random 1-2-block masks reaching lower
   assert top2["executed_flops"] <= rand["executed_flops"] * 1.05 or \
       top2["needed_flops"] > rand["needed_flops"]
+
+
+def test_bench_times_host_round_data_when_the_run_would(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "fedsel_jax.bench", "--config", "configs/digits.py:smoke",
+       "--masks", "top2", "--repeats", "1", "--torch_peer", "", "--json", str(out),
+       "--config.fl.device_data=off"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(out.read_text())["rows"][0]["modes"]["round"]["round_data"] == "host"

@@ -82,3 +82,52 @@ def test_a_run_on_the_device_store_equals_the_host_run_bit_for_bit(data_dir, tmp
   for a, b in zip(final_leaves(str(tmp_path / "on"), setup_on),
                   final_leaves(str(tmp_path / "off"), setup_off)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def _store_round(setup, per_chunk):
+  body = setup._round_body(setup.settings, None)
+  return jax.jit(device_data.with_gather(body, setup.clients.mask.shape[1], per_chunk=per_chunk))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"fl.backprop_cut": True, "selection.strategy": "random", "diagnostics.power_iters": 2},
+    {"diagnostics.estimator": "score", "selection.sel_batches": 1, "fl.client_chunk": 1},
+], ids=["cut-random-hvp", "score-estimator-chunk1"])
+def test_gathering_chunk_by_chunk_equals_gathering_the_whole_round_first(data_dir, overrides):
+  setup = train.Setup(smoke_config(data_dir, **{"fl.device_data": "on", **overrides}))
+  store = device_data.place(setup.clients)
+  key = jax.random.key(3)
+  outs = []
+  for per_chunk in (True, False):
+    state = setup.initial_state()
+    fn = _store_round(setup, per_chunk)
+    for t in range(2):
+      state, metrics = fn(state, setup.round_data(t, clients=False), store, key)
+    outs.append((jax.tree_util.tree_leaves(state.params), metrics))
+  (p1, m1), (p2, m2) = outs
+  assert len(set(np.asarray(setup.clients.num_examples))) > 1
+  for a, b in zip(p1, p2):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert sorted(m1) == sorted(m2)
+  for name in m1:
+    np.testing.assert_array_equal(np.asarray(m1[name]), np.asarray(m2[name]), err_msg=name)
+  assert np.isfinite(np.asarray(m1["e1"])).all() and np.isfinite(np.asarray(m1["e2"])).all()
+
+
+def test_a_round_on_the_store_holds_one_chunk_of_padded_rows_not_the_whole_round(data_dir):
+  # 8 clients in chunks of 1: the whole-round gather materialises 8 x n_max
+  # rows of 64 floats, the chunked one a single client's.
+  setup = train.Setup(smoke_config(data_dir, **{
+      "fl.device_data": "on", "fl.client_chunk": 1, "fl.clients_per_round": 8,
+      "diagnostics.enabled": False}))
+  store = device_data.place(setup.clients)
+  rd, key = setup.round_data(0, clients=False), jax.random.key(0)
+  n_max = setup.clients.mask.shape[1]
+  row_bytes = int(np.prod(setup.clients.x.shape[2:])) * setup.clients.x.dtype.itemsize
+  temp = {}
+  for per_chunk in (True, False):
+    compiled = _store_round(setup, per_chunk).lower(setup.initial_state(), rd, store,
+                                                    key).compile()
+    temp[per_chunk] = compiled.memory_analysis().temp_size_in_bytes
+  round_rows = 8 * n_max * row_bytes
+  assert temp[False] - temp[True] > 0.75 * round_rows, (temp, round_rows)
