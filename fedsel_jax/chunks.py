@@ -61,7 +61,7 @@ def is_deferred(a: Any) -> bool:
 def take_slots(tree: PyTree, idx: jax.Array) -> PyTree:
   """``tree`` with its client-slot axis indexed by ``idx`` (Deferred: its ids only)."""
   return jax.tree_util.tree_map(
-      lambda a: a.replace(ids=a.ids[idx]) if is_deferred(a) else a[idx], tree,
+      lambda a: a.replace(ids=a.ids[idx]) if is_deferred(a) else jnp.asarray(a)[idx], tree,
       is_leaf=is_deferred)
 
 
@@ -74,7 +74,8 @@ def materialize(tree: PyTree) -> PyTree:
 def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree,
                        clients: PyTree, chunk: int, *, init: PyTree = None,
                        combine: Callable | None = None, branch: Callable | None = None,
-                       constrain: Callable = identity) -> tuple[PyTree, PyTree]:
+                       constrain: Callable = identity,
+                       sizes_of: Callable | None = None) -> tuple[PyTree, PyTree]:
   """``lax.scan`` over chunks of a per-client function vmapped over each chunk.
 
   The one place a round vectorises clients: memory holds one chunk's
@@ -96,6 +97,12 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
     branch: ``branch(chunk_clients) -> int32`` index into ``client_fns``
       (chunk-level ``lax.switch``; unbatched, so only one variant runs).
     constrain: applied to each chunk's clients (sharding of the client axis).
+    sizes_of: optional ``sizes_of(clients) -> int[Mp]``, the clients' real
+      rows: with several chunks the clients are scanned in order of size
+      (chunks of similar clients, so a pass whose loop stops at each
+      client's last batch, ``batches.py``, runs each chunk only as long as
+      its largest client needs); ``kept`` comes back in slot order,
+      ``combine`` sees the sorted order.
 
   Returns:
     ``(carry, kept)`` with kept's leaves ``[Mp, ...]``.
@@ -107,6 +114,11 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
   chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
                for f in fns]
 
+  mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
+  order = None
+  if sizes_of is not None and mp > chunk:
+    order = jnp.argsort(sizes_of(clients), stable=True)
+    clients = take_slots(clients, order)
   leaves, treedef = jax.tree_util.tree_flatten(clients, is_leaf=is_deferred)
   slots = [a.ids if is_deferred(a) else a for a in leaves]
 
@@ -119,8 +131,11 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
     return jax.lax.switch(branch(c), chunk_fns, carry, c)
 
   carry, kept = jax.lax.scan(body, init, _chunks(slots, chunk))
-  mp = slots[0].shape[0]
-  return carry, jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
+  kept = jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
+  if order is not None:
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(mp, dtype=order.dtype))
+    kept = jax.tree_util.tree_map(lambda a: a[inverse], kept)
+  return carry, kept
 
 
 def variant_cost(table: np.ndarray) -> np.ndarray:

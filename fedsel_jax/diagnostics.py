@@ -34,6 +34,7 @@ pass serves the scores too: then the sampled clients' gradients are kept,
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -200,6 +201,10 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
   grad_fn = make_client_grad_fn(loss_fn, index, **kw)
   hvp_fn = make_client_hvp_fn(loss_fn, index, **kw)
   fields = ("x", "y", "num_examples")
+  # Several batches per client: scan the clients by size, so a chunk's batch
+  # loop stops at its largest client's last batch (batches.py).
+  if num_diag_batches(n_max, batch_size, estimator, batches) > 1 and not unroll:
+    scan = functools.partial(scan, sizes_of=lambda c: c["data"]["num_examples"])
 
   def client_grads(params, data, keys, chunk):
     _, out = scan(lambda p, c: grad_fn(p, c["data"], c["keys"]), params,

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedsel_jax import batches as batches_lib
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
@@ -90,8 +91,9 @@ def make_client_grad_fn(loss_fn: Callable, index: PyTree, *, batch_size: int, n_
       grad_sum = jax.tree_util.tree_map(lambda a, x: a + wb * x.astype(jnp.float32), grad_sum, g)
       return (loss_sum + wb * loss, grad_sum), None
 
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
-                                           (rows, weights, jnp.arange(nb)), unroll=unroll)
+    loss_sum, grad_sum = batches_lib.scan_first(
+        body, (jnp.zeros(()), zeros), (rows, weights, jnp.arange(nb)),
+        batches_lib.nonempty_batches(data["num_examples"], batch_size), unroll)
     total = jnp.maximum(jnp.sum(weights), 1.)
     return loss_sum / total, jax.tree_util.tree_map(lambda x: x / total, grad_sum)
 
@@ -120,7 +122,9 @@ def make_client_hvp_fn(loss_fn: Callable, index: PyTree, *, batch_size: int, n_m
       return jax.tree_util.tree_map(lambda a, x: a + jnp.sum(w) * x, acc, hv), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
-    acc, _ = jax.lax.scan(body, zeros, (rows, weights, jnp.arange(nb)), unroll=unroll)
+    acc = batches_lib.scan_first(body, zeros, (rows, weights, jnp.arange(nb)),
+                                 batches_lib.nonempty_batches(data["num_examples"], batch_size),
+                                 unroll)
     total = jnp.maximum(jnp.sum(weights), 1.)
     return jax.tree_util.tree_map(lambda x: x / total, acc)
 

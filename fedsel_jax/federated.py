@@ -153,6 +153,13 @@ class RoundParts:
         batch_size=s.batch_size, n_max=n_max, estimator=estimator,
         batches=batches, power_iters=s.diag_power_iters, unroll=s.unroll)
 
+  def score_sizes(self, n_max: int) -> Callable | None:
+    """The score pass's ``sizes_of`` for :func:`scan_client_chunks`: scan by
+    size when its batch loop stops per client (batches.py), else None."""
+    s = self.settings
+    nb = scores_lib.num_score_batches(n_max, s.batch_size, s.sel_batches)
+    return (lambda c: c["data"]["num_examples"]) if nb > 1 and not s.unroll else None
+
   def grad_stats_fn(self, n_max: int, variance: str | None) -> Callable:
     """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""
     s = self.settings
@@ -186,7 +193,8 @@ def scores_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
   def compute(_):
     keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
     _, out = scan_client_chunks(client_scores, params, dict(data=_client_data(rd), key=keys),
-                                parts.chunk_size(mp), constrain=parts.constrain)
+                                parts.chunk_size(mp), constrain=parts.constrain,
+                                sizes_of=parts.score_sizes(rd["mask"].shape[1]))
     return out
 
   return jax.lax.cond(jnp.any(need), compute, lambda _: jnp.zeros((mp, k), jnp.float32), None)
@@ -281,7 +289,8 @@ def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Arr
 
     keys = jax.vmap(lambda i: jax.random.fold_in(score_key, i))(ids)
     run = lambda _: scan_client_chunks(client, params, dict(data=_client_data(rd), key=keys),
-                                       chunk, constrain=parts.constrain)[1]
+                                       chunk, constrain=parts.constrain,
+                                       sizes_of=parts.score_sizes(rd["mask"].shape[1]))[1]
   else:
     grads_fn, _ = parts.diagnose_fns(rd["mask"].shape[1])
 

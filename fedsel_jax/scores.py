@@ -42,6 +42,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedsel_jax import batches as batches_lib
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
@@ -195,8 +196,9 @@ def make_grad_stats_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
 
     init = ((zeros, zeros, jnp.zeros(())), jnp.zeros((num_candidates,)), jnp.zeros(()),
             jnp.zeros(()))
-    ((mean, m2, total), sq, nb, loss_sum), _ = jax.lax.scan(body, init, (rows, weights, keys),
-                                                            unroll=unroll)
+    count = batches_lib.nonempty_batches(jnp.sum(data["mask"]), batch_size)
+    (mean, m2, total), sq, nb, loss_sum = batches_lib.scan_first(
+        body, init, (rows, weights, keys), count, unroll)
     total_safe = jnp.maximum(total, 1.0)
     out = dict(mean_grad=mean, batch_sq=sq / total_safe, num_examples=total,
                num_batches=nb, loss=loss_sum / total_safe)

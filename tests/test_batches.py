@@ -1,0 +1,60 @@
+"""Batch loops that stop at a client's last non-empty batch (batches.py), and
+the size-sorted chunk scans that make them pay (chunks.scan_client_chunks)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsel_jax import batches
+from fedsel_jax import chunks
+
+
+def _body(carry, x):
+  row, w = x
+  return carry + w * jnp.sin(row), None
+
+
+def test_scan_first_equals_the_full_scan_when_the_skipped_batches_are_empty():
+  rng = np.random.default_rng(0)
+  rows = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  for n in (0, 1, 5, 16, 24):
+    w = jnp.asarray((np.arange(24).reshape(6, 4) < n).astype(np.float32))
+    count = batches.nonempty_batches(jnp.int32(n), 4)
+    full = jax.lax.scan(_body, jnp.zeros(4), (rows, w))[0]
+    got = jax.jit(lambda *a: batches.scan_first(_body, *a))(jnp.zeros(4), (rows, w), count)
+    assert int(count) == -(-n // 4)
+    assert np.asarray(got).tobytes() == np.asarray(full).tobytes(), n
+  # unroll keeps the static scan (a dynamic loop cannot unroll)
+  got = batches.scan_first(_body, jnp.zeros(4), (rows, w), jnp.int32(1), unroll=True)
+  assert np.asarray(got).tobytes() == np.asarray(full).tobytes()
+
+
+def _iterations(sizes, chunk, by_size):
+  """Batch-loop iterations a chunked vmapped pass executes, and its outputs."""
+  calls = []
+
+  def client(_, c):
+    def body(carry, i):
+      jax.debug.callback(lambda: calls.append(1))
+      return carry + i, None
+    return batches.scan_first(body, jnp.int32(0), jnp.arange(8), c["n"])
+
+  sizes = jnp.asarray(sizes, jnp.int32)
+  fn = jax.jit(lambda s: chunks.scan_client_chunks(
+      client, None, dict(n=s), chunk, sizes_of=(lambda c: c["n"]) if by_size else None)[1])
+  out = jax.block_until_ready(fn(sizes))
+  jax.effects_barrier()
+  return len(calls), np.asarray(out)
+
+
+def test_size_sorted_chunks_run_each_chunk_only_as_long_as_its_largest_client():
+  sizes = [1, 8, 1, 8, 2, 8, 1, 2]
+  want = np.array([sum(range(n)) for n in sizes])
+  unsorted, out_u = _iterations(sizes, 2, by_size=False)
+  by_size, out_s = _iterations(sizes, 2, by_size=True)
+  np.testing.assert_array_equal(out_u, want)
+  np.testing.assert_array_equal(out_s, want)           # back in slot order
+  # a chunk runs its largest client's count (the callback fires once per
+  # vmapped iteration): slot order (1,8 | 1,8 | 2,8 | 1,2) runs 8+8+8+2,
+  # by size (1,1 | 1,2 | 2,8 | 8,8) runs 1+2+8+8
+  assert (unsorted, by_size) == (26, 19)
