@@ -58,24 +58,12 @@ def is_deferred(a: Any) -> bool:
   return isinstance(a, Deferred)
 
 
-def take_slots(tree: PyTree, idx: jax.Array) -> PyTree:
-  """``tree`` with its client-slot axis indexed by ``idx`` (Deferred: its ids only)."""
-  return jax.tree_util.tree_map(
-      lambda a: a.replace(ids=a.ids[idx]) if is_deferred(a) else jnp.asarray(a)[idx], tree,
-      is_leaf=is_deferred)
-
-
-def materialize(tree: PyTree) -> PyTree:
-  """``tree`` with every Deferred leaf built for all its slots (the naive reference)."""
-  return jax.tree_util.tree_map(lambda a: a.build(a.source, a.ids) if is_deferred(a) else a,
-                                tree, is_leaf=is_deferred)
-
-
 def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree,
                        clients: PyTree, chunk: int, *, init: PyTree = None,
                        combine: Callable | None = None, branch: Callable | None = None,
                        constrain: Callable = identity,
-                       sizes_of: Callable | None = None) -> tuple[PyTree, PyTree]:
+                       sizes_of: Callable | None = None,
+                       order: jax.Array | None = None) -> tuple[PyTree, PyTree]:
   """``lax.scan`` over chunks of a per-client function vmapped over each chunk.
 
   The one place a round vectorises clients: memory holds one chunk's
@@ -101,8 +89,11 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
       rows: with several chunks the clients are scanned in order of size
       (chunks of similar clients, so a pass whose loop stops at each
       client's last batch, ``batches.py``, runs each chunk only as long as
-      its largest client needs); ``kept`` comes back in slot order,
-      ``combine`` sees the sorted order.
+      its largest client needs).
+    order: optional int[Mp], the order to scan the slots in (overrides
+      ``sizes_of``); each chunk gathers its slots in the scan body and
+      writes its kept outputs back to them, so ``kept`` is in slot order and
+      ``combine`` sees the clients in ``order``.
 
   Returns:
     ``(carry, kept)`` with kept's leaves ``[Mp, ...]``.
@@ -114,27 +105,36 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
   chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
                for f in fns]
 
-  mp = jax.tree_util.tree_leaves(clients)[0].shape[0]
-  order = None
-  if sizes_of is not None and mp > chunk:
-    order = jnp.argsort(sizes_of(clients), stable=True)
-    clients = take_slots(clients, order)
   leaves, treedef = jax.tree_util.tree_flatten(clients, is_leaf=is_deferred)
   slots = [a.ids if is_deferred(a) else a for a in leaves]
+  mp = slots[0].shape[0]
 
-  def body(carry, c):
+  def run_chunk(carry, xs):
     c = treedef.unflatten([a.build(a.source, x) if is_deferred(a) else x
-                           for a, x in zip(leaves, c)])
+                           for a, x in zip(leaves, xs)])
     c = constrain(c)
     if branch is None:
       return chunk_fns[0](carry, c)
     return jax.lax.switch(branch(c), chunk_fns, carry, c)
 
-  carry, kept = jax.lax.scan(body, init, _chunks(slots, chunk))
-  kept = jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
-  if order is not None:
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(mp, dtype=order.dtype))
-    kept = jax.tree_util.tree_map(lambda a: a[inverse], kept)
+  if order is None and sizes_of is not None and mp > chunk:
+    order = jnp.argsort(sizes_of(clients), stable=True)
+  if order is None:
+    carry, kept = jax.lax.scan(run_chunk, init, _chunks(slots, chunk))
+    return carry, jax.tree_util.tree_map(lambda a: a.reshape((mp,) + a.shape[2:]), kept)
+  # In ``order``: each chunk gathers its own slots and writes its kept
+  # outputs back to them, so neither side is ever copied whole.
+  pick = lambda idx: [jnp.asarray(x)[idx] for x in slots]  # noqa: E731
+  order = jnp.asarray(order, jnp.int32).reshape(-1, chunk)
+  shapes = jax.eval_shape(lambda: run_chunk(init, pick(order[0]))[1])
+  out = jax.tree_util.tree_map(lambda a: jnp.zeros((mp,) + a.shape[1:], a.dtype), shapes)
+
+  def body(state, idx):
+    carry, out = state
+    carry, kept = run_chunk(carry, pick(idx))
+    return (carry, jax.tree_util.tree_map(lambda o, k: o.at[idx].set(k), out, kept)), None
+
+  (carry, kept), _ = jax.lax.scan(body, (init, out), order)
   return carry, kept
 
 

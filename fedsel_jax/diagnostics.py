@@ -203,12 +203,13 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
   fields = ("x", "y", "num_examples")
   # Several batches per client: scan the clients by size, so a chunk's batch
   # loop stops at its largest client's last batch (batches.py).
+  by_size = scan
   if num_diag_batches(n_max, batch_size, estimator, batches) > 1 and not unroll:
-    scan = functools.partial(scan, sizes_of=lambda c: c["data"]["num_examples"])
+    by_size = functools.partial(scan, sizes_of=lambda c: c["data"]["num_examples"])
 
   def client_grads(params, data, keys, chunk):
-    _, out = scan(lambda p, c: grad_fn(p, c["data"], c["keys"]), params,
-                  dict(data={f: data[f] for f in fields}, keys=keys), chunk)
+    _, out = by_size(lambda p, c: grad_fn(p, c["data"], c["keys"]), params,
+                     dict(data={f: data[f] for f in fields}, keys=keys), chunk)
     return out
 
   def diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None,
@@ -231,7 +232,9 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
                    for s, w in zip(carry, refs)), None
 
     init = (init_grad_sums(params, num_candidates),) * (2 if sampled_too else 1)
-    carry, _ = scan(client, params, inputs, chunk, init=init, combine=combine)
+    # Given gradients have no batch loop to shorten: slot order.
+    carry, _ = (scan if grads is not None else by_size)(client, params, inputs, chunk,
+                                                         init=init, combine=combine)
     sums = carry[0]
     out = error_terms(sums, index, num_candidates)
     if sampled_too:
@@ -239,9 +242,9 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
       out.update({f"{name}_sampled": terms[name] for name in SAMPLED_TERMS})
     out["lipschitz"] = jnp.float32(jnp.nan)
     if power_iters > 0:
-      out["lipschitz"] = hessian_norm(scan, hvp_fn, params, inputs["data"], w_ref, keys,
-                                      sums.weight, chunk, random_direction(params, index, key),
-                                      power_iters)
+      out["lipschitz"] = hessian_norm(
+          by_size, hvp_fn, params, inputs["data"], w_ref, keys, sums.weight, chunk,
+          random_direction(params, index, key), power_iters)
     return out
 
   return client_grads, diagnose

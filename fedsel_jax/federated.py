@@ -47,7 +47,6 @@ from fedsel_jax.chunks import identity
 from fedsel_jax.chunks import padded_clients  # noqa: F401
 from fedsel_jax.chunks import pick_variant
 from fedsel_jax.chunks import scan_client_chunks
-from fedsel_jax.chunks import take_slots
 from fedsel_jax.chunks import variant_cost  # noqa: F401
 from fedsel_jax import diagnostics
 from fedsel_jax import scores as scores_lib
@@ -239,9 +238,7 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   """
   k, mp = parts.k, masks.shape[0]
   several = len(parts.updates) > 1
-  order = group_order(masks, rd["valid"]) if several else jnp.arange(mp)
-  clients = take_slots(dict(data=_client_data(rd), masks=masks, keys=client_keys,
-                            weights=weights), order)
+  clients = dict(data=_client_data(rd), masks=masks, keys=client_keys, weights=weights)
   fns = [lambda p, c, u=u: u(p, c["data"], c["masks"], c["keys"]) for u in parts.updates]
 
   def combine(agg, res, c):
@@ -255,9 +252,9 @@ def train_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
   agg, (losses, ok) = scan_client_chunks(
       fns, params, clients, parts.chunk_size(mp), init=aggregate.init_aggregation(params, k),
       combine=combine, branch=(lambda c: pick_variant(table, c["masks"], c["weights"]))
-      if several else None, constrain=parts.constrain)
-  back = jnp.argsort(order)
-  return agg, losses[back], ok[back]
+      if several else None, constrain=parts.constrain,
+      order=group_order(masks, rd["valid"]) if several else None)
+  return agg, losses, ok
 
 
 def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
@@ -378,7 +375,8 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     ``round_fn(state, round_data, key) -> (state, metrics)`` where
     round_data holds, for Mp client slots (M real + padding):
     ``client_ids int32[Mp]`` (padding slots: N, out of range),
-    ``valid bool[Mp]``, ``x [Mp, n_max, ...]``, ``y int32[Mp, n_max]``,
+    ``valid bool[Mp]``, ``x [Mp, n_max, ...]``, ``y int32[Mp, n_max]`` (or
+    ``chunks.Deferred`` slot ids that each chunk scan gathers, device_data),
     ``mask bool[Mp, n_max]``, ``num_examples int32[Mp]``,
     ``budgets f32[Mp]``, ``lam f32``, ``reselect bool`` and optionally
     ``diagnose bool`` (estimate E1/E2 this round; default True) and, in

@@ -58,3 +58,27 @@ def test_size_sorted_chunks_run_each_chunk_only_as_long_as_its_largest_client():
   # vmapped iteration): slot order (1,8 | 1,8 | 2,8 | 1,2) runs 8+8+8+2,
   # by size (1,1 | 1,2 | 2,8 | 8,8) runs 1+2+8+8
   assert (unsorted, by_size) == (26, 19)
+
+
+def test_a_size_sorted_scan_gathers_one_chunk_at_a_time_and_keeps_slot_order():
+  # 8 clients x 1 MB of rows each: sorting must not copy the inputs or the
+  # kept outputs whole (each chunk gathers its slots and writes back to them).
+  mp, chunk, rows = 8, 2, 2 ** 18
+  x = jnp.arange(mp * rows, dtype=jnp.float32).reshape(mp, rows)
+  sizes = jnp.asarray([5, 1, 7, 2, 8, 3, 6, 4], jnp.int32)
+
+  def client(_, c):
+    return c["x"] * 2.0 + c["n"]
+
+  def run(by_size):
+    return jax.jit(lambda x, s: chunks.scan_client_chunks(
+        client, None, dict(x=x, n=s), chunk, init=jnp.int32(0),
+        combine=lambda carry, out, c: (carry * 10 + jnp.sum(c["n"]), out),
+        sizes_of=(lambda c: c["n"]) if by_size else None))
+
+  (carry_u, kept_u), (carry_s, kept_s) = run(False)(x, sizes), run(True)(x, sizes)
+  assert np.asarray(kept_s).tobytes() == np.asarray(kept_u).tobytes()   # slot order
+  # combine saw the chunks by size: (1,2), (3,4), (5,6), (7,8) -> 3,7,11,15
+  assert int(carry_s) == 3 * 1000 + 7 * 100 + 11 * 10 + 15
+  temp = run(True).lower(x, sizes).compile().memory_analysis().temp_size_in_bytes
+  assert temp < x.nbytes / 2, (temp, x.nbytes)
