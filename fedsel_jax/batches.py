@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+CHUNK_AXIS = "fedsel_chunk_clients"   # the vmap axis of a chunk's clients
 
 
 def scan_first(body: Callable, init: PyTree, xs: PyTree, count: jax.Array,
@@ -38,7 +39,21 @@ def scan_first(body: Callable, init: PyTree, xs: PyTree, count: jax.Array,
   def step(i, carry):
     return body(carry, jax.tree_util.tree_map(lambda a: a[i], xs))[0]
 
-  return jax.lax.fori_loop(0, jnp.clip(count, 0, n), step, init)
+  return jax.lax.fori_loop(0, jnp.clip(chunk_max(count), 0, n), step, init)
+
+
+def chunk_max(count: jax.Array) -> jax.Array:
+  """The largest ``count`` of the chunk this client is vmapped in (itself outside one).
+
+  ``chunks.scan_client_chunks`` vmaps over :data:`CHUNK_AXIS`; an unbatched
+  trip count keeps the loop's predicate unbatched, so vmap does not select
+  every carry leaf per client per iteration (the clients past their own last
+  batch add exact zeros from empty batches instead).
+  """
+  try:
+    return jax.lax.pmax(count, CHUNK_AXIS)
+  except NameError:        # not inside a chunk's vmap (a single client, a test)
+    return count
 
 
 def nonempty_batches(num_rows: jax.Array, batch_size: int) -> jax.Array:

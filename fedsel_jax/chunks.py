@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsel_jax import client as client_lib
+from fedsel_jax.batches import CHUNK_AXIS
 
 PyTree = Any
 
@@ -102,8 +103,8 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
   combine = combine or (lambda carry, outs, _: (carry, outs))
   # Each variant combines its own outputs: variants may differ in what they
   # return (a client update's delta covers only the variant's leaves).
-  chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0)): combine(carry, f(shared, c), c)
-               for f in fns]
+  chunk_fns = [lambda carry, c, f=jax.vmap(f, in_axes=(None, 0), axis_name=CHUNK_AXIS):
+               combine(carry, f(shared, c), c) for f in fns]
 
   leaves, treedef = jax.tree_util.tree_flatten(clients, is_leaf=is_deferred)
   slots = [a.ids if is_deferred(a) else a for a in leaves]

@@ -34,9 +34,9 @@ def _iterations(sizes, chunk, by_size):
   calls = []
 
   def client(_, c):
-    def body(carry, i):
+    def body(carry, i):      # batch i of a client with n batches is empty when i >= n
       jax.debug.callback(lambda: calls.append(1))
-      return carry + i, None
+      return carry + jnp.where(i < c["n"], i, 0), None
     return batches.scan_first(body, jnp.int32(0), jnp.arange(8), c["n"])
 
   sizes = jnp.asarray(sizes, jnp.int32)
@@ -54,8 +54,8 @@ def test_size_sorted_chunks_run_each_chunk_only_as_long_as_its_largest_client():
   by_size, out_s = _iterations(sizes, 2, by_size=True)
   np.testing.assert_array_equal(out_u, want)
   np.testing.assert_array_equal(out_s, want)           # back in slot order
-  # a chunk runs its largest client's count (the callback fires once per
-  # vmapped iteration): slot order (1,8 | 1,8 | 2,8 | 1,2) runs 8+8+8+2,
+  # a chunk runs its largest client's count (batches.chunk_max: the loop's
+  # trip count is unbatched, and the callback fires once per iteration): slot order (1,8 | 1,8 | 2,8 | 1,2) runs 8+8+8+2,
   # by size (1,1 | 1,2 | 2,8 | 8,8) runs 1+2+8+8
   assert (unsorted, by_size) == (26, 19)
 
