@@ -3,7 +3,8 @@
     python experiments/bench/make_readme.py
 
 Reads every ``results/*.json`` written by ``python -m fedsel_jax.bench --json``
-(and by ``before_after.py --json``) and the hand-written ``notes.md`` next to
+(and by ``before_after.py``, ``compile_time.py``, ``cache_rerun.py``,
+``full_round.py`` and ``round_memory.py`` with ``--json``) and the hand-written ``notes.md`` next to
 this file, and writes the tables; no number in the README is typed by hand.
 """
 
@@ -87,6 +88,33 @@ def rerun_table(name: str, rep: dict) -> list[str]:
   return out + [""]
 
 
+def full_round_table(name: str, rep: dict) -> list[str]:
+  out = [f"### `{name}` (experiments/bench/full_round.py: commit {rep['rev']} against "
+         f"{rep['today']})", "", f"`{rep['command']}`", "",
+         f"{rep['date']}; {rep['cpus']} cores; load average {_load(rep['load'])} before, "
+         f"{_load(rep['load_after'])} after; fresh processes, alternately.", "",
+         "| side | compile s | first call s | s/round median |", "|---|---|---|---|"]
+  out += [f"| {r['side']} | {r['compile_s']:.1f} | {r['first_s']:.3f} | {r['median_s']:.3f} |"
+          for r in rep["runs"]]
+  diffs = ", ".join(f"{k} {v:.2g}" for k, v in rep["max_rel_diff"].items())
+  return out + ["", f"Speed-up (median of the sides' medians): {rep['speedup']:.2f}x; outputs' "
+                    f"max relative difference: {diffs}.", ""]
+
+
+def memory_table(name: str, rep: dict) -> list[str]:
+  out = [f"### `{name}` (experiments/bench/round_memory.py)", "", f"`{rep['command']}`", "",
+         f"{rep['date']}; {rep['cpus']} cores; load average {_load(rep['load'])} before, "
+         f"{_load(rep['load_after'])} after.", "",
+         "| clients / round | chunk | n_max (mean rows) | round data | XLA args MB | XLA temp MB "
+         "| s/round |", "|---|---|---|---|---|---|---|"]
+  for row in rep["rows"]:
+    for way, w in row["ways"].items():
+      out.append(f"| {row['clients_per_round']} | {row['chunk']} | {row['n_max']} "
+                 f"({row['mean_rows']:.1f}) | {way} | {w['args_mb']:.2f} | {w['temp_mb']:.2f} | "
+                 f"{w['round_s']:.3f} |")
+  return out + [""]
+
+
 def main():
   lines = ["# Round speed", ""]
   notes = os.path.join(HERE, "notes.md")
@@ -96,7 +124,11 @@ def main():
   for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
     rep = json.load(open(path))
     name = os.path.relpath(path, HERE)
-    if "rev" in rep:
+    if "runs" in rep:
+      lines += full_round_table(name, rep)
+    elif rep.get("rows") and "ways" in rep["rows"][0]:
+      lines += memory_table(name, rep)
+    elif "rev" in rep:
       lines += before_after_table(name, rep)
     elif rep["rows"] and "first_call_s" in rep["rows"][0]:
       lines += rerun_table(name, rep)
