@@ -56,6 +56,12 @@ def chunk_max(count: jax.Array) -> jax.Array:
     return count
 
 
+def sizes_of(num_batches: int, unroll: bool) -> Callable | None:
+  """``scan_client_chunks(sizes_of=...)`` for a pass of ``num_batches`` batches per
+  client: by size when its loop stops early (several batches, not unrolled)."""
+  return (lambda c: c["data"]["num_examples"]) if num_batches > 1 and not unroll else None
+
+
 def nonempty_batches(num_rows: jax.Array, batch_size: int) -> jax.Array:
   """int32: batches holding at least one of ``num_rows`` real rows (real rows first)."""
   return ((num_rows.astype(jnp.int32) + batch_size - 1) // batch_size).astype(jnp.int32)

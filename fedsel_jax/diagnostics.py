@@ -41,6 +41,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fedsel_jax import batches as batches_lib
 from fedsel_jax import masks as masks_lib
 # Re-exported: the per-client estimators and the curvature (callers use diagnostics.*).
 from fedsel_jax.estimators import ESTIMATORS  # noqa: F401
@@ -54,6 +55,7 @@ from fedsel_jax.estimators import random_direction
 
 PyTree = Any
 # Population mode also logs these sample-mode terms (suffix ``_sampled``).
+_FIELDS = ("x", "y", "num_examples")   # what the gradient passes read of a client
 SAMPLED_TERMS = ("e1", "e2", "e2_bound", "grad_sq", "e2_layers")
 
 
@@ -199,55 +201,56 @@ def make_diagnose_fn(loss_fn: Callable, index: PyTree, num_candidates: int, *,
   kw = dict(batch_size=batch_size, n_max=n_max, estimator=estimator, batches=batches,
             unroll=unroll)
   grad_fn = make_client_grad_fn(loss_fn, index, **kw)
-  hvp_fn = make_client_hvp_fn(loss_fn, index, **kw)
-  fields = ("x", "y", "num_examples")
-  # Several batches per client: scan the clients by size, so a chunk's batch
-  # loop stops at its largest client's last batch (batches.py).
-  by_size = scan
-  if num_diag_batches(n_max, batch_size, estimator, batches) > 1 and not unroll:
-    by_size = functools.partial(scan, sizes_of=lambda c: c["data"]["num_examples"])
+  # Several batches per client: scan the clients by size (batches.py).
+  by_size = functools.partial(scan, sizes_of=batches_lib.sizes_of(
+      num_diag_batches(n_max, batch_size, estimator, batches), unroll))
 
   def client_grads(params, data, keys, chunk):
     _, out = by_size(lambda p, c: grad_fn(p, c["data"], c["keys"]), params,
-                     dict(data={f: data[f] for f in fields}, keys=keys), chunk)
+                     dict(data={f: data[f] for f in _FIELDS}, keys=keys), chunk)
     return out
 
-  def diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None,
-               sampled_too=False):
-    inputs = dict(data={f: data[f] for f in fields}, masks=masks, w_ref=w_ref, w_sel=w_sel,
-                  keys=keys)
-    if grads is None:
-      client = lambda p, c: grad_fn(p, c["data"], c["keys"])
-    else:                                   # the shared pass's gradients: no recompute
-      inputs["grads"] = grads
-      client = lambda p, c: c["grads"]
+  return client_grads, functools.partial(
+      _diagnose, grad_fn=grad_fn, hvp_fn=make_client_hvp_fn(loss_fn, index, **kw), scan=scan,
+      by_size=by_size, index=index, num_candidates=num_candidates, power_iters=power_iters)
 
-    def combine(carry, out, c):
-      # The sample-mode sums (reference set = the sampled clients) ride along
-      # in population mode: same gradients, no extra pass.
-      losses, grads, ok = drop_nonfinite_grads(*out)
-      w_sel = c["w_sel"] * ok
-      refs = (c["w_ref"] * ok, w_sel)[:len(carry)]
-      return tuple(accumulate_grads(s, grads, losses, c["masks"], w, w_sel, index)
-                   for s, w in zip(carry, refs)), None
 
-    init = (init_grad_sums(params, num_candidates),) * (2 if sampled_too else 1)
-    # Given gradients have no batch loop to shorten: slot order.
-    carry, _ = (scan if grads is not None else by_size)(client, params, inputs, chunk,
-                                                         init=init, combine=combine)
-    sums = carry[0]
-    out = error_terms(sums, index, num_candidates)
-    if sampled_too:
-      terms = error_terms(carry[1], index, num_candidates)
-      out.update({f"{name}_sampled": terms[name] for name in SAMPLED_TERMS})
-    out["lipschitz"] = jnp.float32(jnp.nan)
-    if power_iters > 0:
-      out["lipschitz"] = hessian_norm(
-          by_size, hvp_fn, params, inputs["data"], w_ref, keys, sums.weight, chunk,
-          random_direction(params, index, key), power_iters)
-    return out
+def _diagnose(params, data, masks, w_ref, w_sel, keys, chunk, key, grads=None,
+              sampled_too=False, *, grad_fn, hvp_fn, scan, by_size, index, num_candidates,
+              power_iters) -> dict:
+  """``diagnose`` of :func:`make_diagnose_fn` (its docstring), the rest bound there."""
+  inputs = dict(data={f: data[f] for f in _FIELDS}, masks=masks, w_ref=w_ref, w_sel=w_sel,
+                keys=keys)
+  if grads is None:
+    client = lambda p, c: grad_fn(p, c["data"], c["keys"])  # noqa: E731
+  else:                                   # the shared pass's gradients: no recompute
+    inputs["grads"] = grads
+    client = lambda p, c: c["grads"]  # noqa: E731
 
-  return client_grads, diagnose
+  def combine(carry, out, c):
+    # The sample-mode sums (reference set = the sampled clients) ride along
+    # in population mode: same gradients, no extra pass.
+    losses, grads, ok = drop_nonfinite_grads(*out)
+    w_sel = c["w_sel"] * ok
+    refs = (c["w_ref"] * ok, w_sel)[:len(carry)]
+    return tuple(accumulate_grads(s, grads, losses, c["masks"], w, w_sel, index)
+                 for s, w in zip(carry, refs)), None
+
+  init = (init_grad_sums(params, num_candidates),) * (2 if sampled_too else 1)
+  # Given gradients have no batch loop to shorten: slot order.
+  carry, _ = (scan if grads is not None else by_size)(client, params, inputs, chunk,
+                                                       init=init, combine=combine)
+  sums = carry[0]
+  out = error_terms(sums, index, num_candidates)
+  if sampled_too:
+    terms = error_terms(carry[1], index, num_candidates)
+    out.update({f"{name}_sampled": terms[name] for name in SAMPLED_TERMS})
+  out["lipschitz"] = jnp.float32(jnp.nan)
+  if power_iters > 0:
+    out["lipschitz"] = hessian_norm(
+        by_size, hvp_fn, params, inputs["data"], w_ref, keys, sums.weight, chunk,
+        random_direction(params, index, key), power_iters)
+  return out
 
 
 def drop_nonfinite_grads(losses: jax.Array, grads: PyTree

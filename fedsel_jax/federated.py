@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from fedsel_jax import aggregate
+from fedsel_jax import batches as batches_lib
 from fedsel_jax import client as client_lib
 # Re-exported: the round's chunk machinery (callers use federated.scan_client_chunks).
 from fedsel_jax.chunks import group_order
@@ -153,11 +154,10 @@ class RoundParts:
         batches=batches, power_iters=s.diag_power_iters, unroll=s.unroll)
 
   def score_sizes(self, n_max: int) -> Callable | None:
-    """The score pass's ``sizes_of`` for :func:`scan_client_chunks`: scan by
-    size when its batch loop stops per client (batches.py), else None."""
+    """The score pass's ``sizes_of`` for :func:`scan_client_chunks` (batches.py)."""
     s = self.settings
-    nb = scores_lib.num_score_batches(n_max, s.batch_size, s.sel_batches)
-    return (lambda c: c["data"]["num_examples"]) if nb > 1 and not s.unroll else None
+    return batches_lib.sizes_of(scores_lib.num_score_batches(n_max, s.batch_size,
+                                                             s.sel_batches), s.unroll)
 
   def grad_stats_fn(self, n_max: int, variance: str | None) -> Callable:
     """One client's ``grad_stats(params, data, key)`` (scores.make_grad_stats_fn)."""

@@ -8,17 +8,21 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_reports_every_mode_and_flop_count(tmp_path):
+def run_bench(tmp_path, masks, *overrides):
+  """(stdout, the JSON report) of the bench on the smoke config, without torch."""
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "fedsel_jax.bench", "--config", "configs/digits.py:smoke",
-       "--masks", "top2,random", "--repeats", "1", "--torch_peer", "", "--json", str(out),
-       "--config.fl.backprop_cut=True"],
+       "--masks", masks, "--repeats", "1", "--torch_peer", "", "--json", str(out), *overrides],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "samples/s" in proc.stdout and "FLOPs executed" in proc.stdout
-  report = json.loads(out.read_text())
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_bench_reports_every_mode_and_flop_count(tmp_path):
+  stdout, report = run_bench(tmp_path, "top2,random", "--config.fl.backprop_cut=True")
+  assert "samples/s" in stdout and "FLOPs executed" in stdout
   top2, rand = report["rows"]
   for row in (top2, rand):
     assert set(row["modes"]) == {"round", "loop"}
@@ -33,12 +37,5 @@ def test_bench_reports_every_mode_and_flop_count(tmp_path):
 
 
 def test_bench_times_host_round_data_when_the_run_would(tmp_path):
-  out = tmp_path / "bench.json"
-  proc = subprocess.run(
-      [sys.executable, "-m", "fedsel_jax.bench", "--config", "configs/digits.py:smoke",
-       "--masks", "top2", "--repeats", "1", "--torch_peer", "", "--json", str(out),
-       "--config.fl.device_data=off"],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-      capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads(out.read_text())["rows"][0]["modes"]["round"]["round_data"] == "host"
+  _, report = run_bench(tmp_path, "top2", "--config.fl.device_data=off")
+  assert report["rows"][0]["modes"]["round"]["round_data"] == "host"
