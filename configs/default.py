@@ -85,6 +85,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # With backprop_cut: the cut levels compiled (() = every level 0..K). Fewer
   # levels compile faster; a chunk runs the deepest level it needs.
   c.fl.cut_levels = ()
+  # Skip the kernel gradients of the blocks no client of a chunk selects
+  # (fedsel_jax/grad_gates.py): same updates to rounding; saves backward
+  # FLOPs for random-looking masks. A branch per dense layer.
+  c.fl.grad_gates = False
   c.fl.unroll = False            # unroll each client's local-step loop (fedsel_jax/client.py)
   c.fl.shard_clients = False     # shard each chunk's clients over all devices (jax.sharding)
   # Client data on the device once, rounds gather in-graph (fedsel_jax/device_data.py):

@@ -164,7 +164,8 @@ def per_client_loop(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> di
   s = setup.settings
   update = jax.jit(client_lib.make_client_update(
       client_lib.make_loss_fn(setup.spec.module.apply), setup.client_opt, setup.index,
-      local_steps=s.local_steps, batch_size=s.batch_size, dense_delta=False))
+      local_steps=s.local_steps, batch_size=s.batch_size, dense_delta=False,
+      gate=s.grad_gates))
   acc = jax.jit(lambda agg, d, mk, w: aggregate.accumulate(
       agg, jax.tree_util.tree_map(lambda x: x[None], d), mk[None], w[None], setup.index))
   params, k = setup.params, setup.k

@@ -11,8 +11,10 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fedsel_jax import grad_gates
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
@@ -106,7 +108,9 @@ def batch_positions(key: jax.Array, mask: jax.Array, num_steps: int, batch_size:
 def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformation,
                        index: PyTree, *, local_steps: int, batch_size: int,
                        cut: int = 0, blocks: Sequence[int] | None = None,
-                       unroll: bool = False, dense_delta: bool = True) -> Callable:
+                       unroll: bool = False, dense_delta: bool = True,
+                       gate: bool = False,
+                       static_gates: Sequence[int] | None = None) -> Callable:
   """Builds ``client_update(params, data, mask, key) -> ClientResult``.
 
   The update works on the trainable subtree only (the common leaves and the
@@ -133,6 +137,14 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     dense_delta: return ``delta`` as a full pytree like params (zeros on the
       leaves outside the variant); False puts ``None`` there (the round's
       aggregation skips them, so no per-client zeros are materialised).
+    gate: compute the dense-kernel gradients of a trained group only when
+      some client of the chunk selects it (``grad_gates``; the chunk is the
+      vmap over ``batches.CHUNK_AXIS``, else the client itself). Same
+      result; it saves work for random masks, where a variant's groups are
+      a superset of what the chunk trains.
+    static_gates: with ``gate``, fix the gates at trace time instead: only
+      these groups get kernel gradients (``flops`` compiles a chunk's
+      gated update this way to count what it executes).
 
   The returned function takes:
     params: the server model theta^t.
@@ -142,8 +154,17 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     key: PRNG key of this client and round.
   """
   keep = differentiable_leaves(index, cut, blocks)
-  grad_fn = jax.value_and_grad(
-      lambda train, frozen, *a: loss_fn(merge_leaves(train, frozen, keep), *a))
+  trained = sorted({int(g) for g, t in zip(jax.tree_util.tree_leaves(index),
+                                          jax.tree_util.tree_leaves(keep)) if t and g >= 0})
+  groups = grad_gates.kernel_groups(index, trained) if gate else {}
+
+  def loss_of(train, frozen, gates, *a):
+    if not groups:
+      return loss_fn(merge_leaves(train, frozen, keep), *a)
+    with grad_gates.gated(groups, gates):
+      return loss_fn(merge_leaves(train, frozen, keep), *a)
+
+  grad_fn = jax.value_and_grad(loss_of)
 
   def client_update(params, data, mask, key):
     data = jax.tree_util.tree_map(jnp.asarray, data)
@@ -152,11 +173,17 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     batch_key, dropout_key = jax.random.split(key)
     rows = batch_positions(batch_key, data["mask"], local_steps, batch_size)
     ones = jnp.ones((batch_size,), jnp.float32)
+    if not groups:
+      gates = None
+    elif static_gates is not None:
+      gates = np.isin(np.arange(mask.shape[-1]), list(static_gates))
+    else:
+      gates = grad_gates.chunk_gates(mask)
 
     def step(carry, inputs):
       local, opt_state = carry
       idx, k = inputs
-      loss, grads = grad_fn(local, frozen, data["x"][idx], data["y"][idx], ones, k)
+      loss, grads = grad_fn(local, frozen, gates, data["x"][idx], data["y"][idx], ones, k)
       grads = [jnp.where(t, g, 0) for t, g in zip(selected, grads)]
       updates, opt_state = optimizer.update(grads, opt_state, local)
       # Mask the update, not only the gradient: momentum and weight decay

@@ -109,6 +109,7 @@ class RoundParts:
     updates: per-client ``client_update`` of each variant: it trains only
       the common leaves and its set (``client.make_client_update(blocks=)``).
     constrain: sharding constraint of a chunk's client axis.
+    client_opt: the local optimizer the updates were built with.
   """
 
   settings: RoundSettings
@@ -120,6 +121,7 @@ class RoundParts:
   updates: tuple[Callable, ...]
   constrain: Callable = identity
   backward: jax.Array | None = None
+  client_opt: optax.GradientTransformation | None = None
 
   def variant_table(self) -> np.ndarray:
     """bool[V, K]: the candidate groups each variant trains."""
@@ -338,7 +340,8 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
   updates = tuple(client_lib.make_client_update(loss_fn, client_opt, index,
                                                 local_steps=settings.local_steps,
                                                 batch_size=settings.batch_size, blocks=v,
-                                                unroll=settings.unroll, dense_delta=False)
+                                                unroll=settings.unroll, dense_delta=False,
+                                                gate=settings.grad_gates)
                   for v in variants)
 
   def constrain(tree):
@@ -348,7 +351,8 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
   return RoundParts(settings=settings, loss_fn=loss_fn, index=index, k=k,
                     costs=jnp.asarray(costs, jnp.float32), variants=variants, updates=updates,
                     constrain=identity if client_sharding is None else constrain,
-                    backward=None if backward is None else jnp.asarray(backward, jnp.float32))
+                    backward=None if backward is None else jnp.asarray(backward, jnp.float32),
+                    client_opt=client_opt)
 
 
 def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,

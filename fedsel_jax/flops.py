@@ -58,7 +58,10 @@ def executed_round_flops(parts: federated.RoundParts, params: PyTree, rd: dict,
 
   Returns:
     The sum over the round's chunks (grouped as ``federated.train_step``
-    groups them) of the XLA cost analysis of the variant the chunk runs.
+    groups them) of the XLA cost analysis of the variant the chunk runs;
+    with ``grad_gates`` compiled with the chunk's gates fixed
+    (``client.make_client_update(static_gates=)``), since XLA counts a
+    conditional as its costlier branch.
   """
   valid = np.asarray(rd["valid"])
   mp = valid.shape[0]
@@ -75,12 +78,25 @@ def executed_round_flops(parts: federated.RoundParts, params: PyTree, rd: dict,
   for start in range(0, mp, chunk):
     sl = slice(start, start + chunk)
     v = int(federated.pick_variant(table, jnp.asarray(masks[sl]), jnp.asarray(weights[order][sl])))
-    if v not in costs:
-      fn = jax.jit(jax.vmap(parts.updates[v], in_axes=(None, 0, 0, 0)))
+    gates = tuple(np.flatnonzero(masks[sl].any(0))) if parts.settings.grad_gates else ()
+    if (v, gates) not in costs:
+      fn = jax.jit(jax.vmap(_chunk_update(parts, v, gates), in_axes=(None, 0, 0, 0)))
       chunk_data = {f: a[sl] for f, a in data.items()}
-      costs[v] = _flops_of(fn.lower(params, chunk_data, masks[sl], keys[sl]).compile())
-    total += costs[v]
+      costs[v, gates] = _flops_of(fn.lower(params, chunk_data, masks[sl], keys[sl]).compile())
+    total += costs[v, gates]
   return total
+
+
+def _chunk_update(parts: federated.RoundParts, v: int, gates: tuple[int, ...]):
+  """Variant ``v``'s client update; with ``grad_gates``, the one whose gates are fixed
+  to the chunk's union of masks (what the gated program executes)."""
+  if not parts.settings.grad_gates:
+    return parts.updates[v]
+  s = parts.settings
+  return client_lib.make_client_update(parts.loss_fn, parts.client_opt, parts.index,
+                                       local_steps=s.local_steps, batch_size=s.batch_size,
+                                       blocks=parts.variants[v], unroll=s.unroll,
+                                       dense_delta=False, gate=True, static_gates=gates)
 
 
 def block_kernels(params: PyTree, index: PyTree, k: int) -> dict[int, list[tuple[str, tuple]]]:

@@ -60,6 +60,7 @@ class RoundSettings:
   client_chunk: int = 0          # 0 = all sampled clients in one vmap
   backprop_cut: bool = False
   cut_levels: tuple[int, ...] = ()  # with backprop_cut: the variants' cuts (() = 0..K)
+  grad_gates: bool = False       # kernel gradients only for groups a chunk trains (grad_gates.py)
   diagnostics: bool = True
   diag_estimator: str = "full"   # diagnostics.py: full | sampled
   diag_batches: int = 1          # batches per client for the sampled estimator

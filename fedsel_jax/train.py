@@ -150,7 +150,7 @@ class Setup:
         strategy=sel.strategy, score=sel.score, local_steps=fl.local_steps,
         batch_size=fl.batch_size, sel_batches=sel.sel_batches,
         client_chunk=0 if auto else fl.client_chunk, backprop_cut=fl.backprop_cut,
-        cut_levels=tuple(fl.cut_levels),
+        cut_levels=tuple(fl.cut_levels), grad_gates=fl.grad_gates,
         diagnostics=config.diagnostics.enabled, diag_estimator=config.diagnostics.estimator,
         diag_batches=config.diagnostics.batches, diag_population=config.diagnostics.population,
         diag_power_iters=config.diagnostics.power_iters,

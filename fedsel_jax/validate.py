@@ -98,7 +98,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.sub_blocks": _bool,
     "fl.num_rounds": _int(1), "fl.clients_per_round": _int(1), "fl.local_steps": _int(1),
     "fl.batch_size": _int(1), "fl.client_chunk": auto_chunk.check, "fl.backprop_cut": _bool,
-    "fl.cut_levels": _levels,
+    "fl.cut_levels": _levels, "fl.grad_gates": _bool,
     "fl.unroll": _bool, "fl.shard_clients": _bool, "fl.max_bad_rounds": _int(1),
     "fl.device_data": _choice(*device_data.MODES),
     "fl.device_data_max_mb": _num(0, strict_lo=True),

@@ -68,12 +68,13 @@ def make_runs_fn(setup: train.Setup, shared_data: bool) -> Callable:
 
   ``states`` and every metric carry a leading run axis R; ``lrs[:, 0]`` is
   the client and ``lrs[:, 1]`` the server learning rate. Built with
-  ``backprop_cut=False``: under vmap the per-chunk switch would run every
-  branch (the cut changes speed, not results).
+  ``backprop_cut=False`` and ``grad_gates=False``: under vmap the per-chunk
+  switch and the gates' branches would run every branch (both change speed,
+  not results).
   """
   config = setup.config
   loss_fn = client_lib.make_loss_fn(setup.spec.module.apply)
-  settings = dataclasses.replace(setup.settings, backprop_cut=False)
+  settings = dataclasses.replace(setup.settings, backprop_cut=False, grad_gates=False)
 
   def one_run(state, rd, lrs, key):
     client_opt = _traced_optimizer(config.client_optim, lrs[0])

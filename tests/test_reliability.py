@@ -394,6 +394,7 @@ _VALUES = {
     "data.partition": st.sampled_from(["iid", "dirichlet", "natural", "shards"]),
     "model.dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
     "fl.backprop_cut": st.sampled_from(["true", "false", "maybe"]),
+    "fl.grad_gates": st.sampled_from(["true", "false", "maybe"]),
     "compare_strategies": st.sampled_from(["('head',)", "head,top", "('nope',)", "()"]),
     "fl.num_roundz": _INTS, "selection.lamda": _FLOATS,
 }

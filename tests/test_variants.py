@@ -16,7 +16,7 @@ from fedsel_jax.models import build_model
 from tests.test_core import K, make_round, naive_round, random_clients, round_data, tiny_model
 
 
-def given_masks_round(spec, index, params, rd, masks, chunk, cut, client_opt=None):
+def given_masks_round(spec, index, params, rd, masks, chunk, cut, client_opt=None, **kw):
   """Runs a round that trains exactly ``masks`` (kept masks, no re-selection)."""
   n = 100
   ids = rd["client_ids"]
@@ -25,7 +25,7 @@ def given_masks_round(spec, index, params, rd, masks, chunk, cut, client_opt=Non
   state = state.replace(client_masks=state.client_masks.at[ids[real]].set(masks[real]),
                         seen=state.seen.at[ids[real]].set(True))
   fn = jax.jit(make_round(spec, index, "random", chunk, cut, diag=False,
-                          client_opt=client_opt))
+                          client_opt=client_opt, **kw))
   return fn(state, dict(rd, reselect=np.bool_(False)), jax.random.key(3))
 
 

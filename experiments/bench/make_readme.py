@@ -57,7 +57,9 @@ def before_after_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
   out = [f"### `{name}` (commit {rep['rev']} against this one, same process)", "",
          f"load average {_load(rep['load'])} before, {_load(rep['load_after'])} after; chunk "
-         f"{s['client_chunk']}, backprop_cut {s['backprop_cut']}.", "",
+         f"{s['client_chunk']}, backprop_cut {s['backprop_cut']}"
+         + (f", grad_gates {s['grad_gates']} (after only: the earlier commit has no gates)"
+            if s.get("grad_gates") else "") + ".", "",
          "| masks | before s/round | after s/round | before / after | XLA temp MB before -> after "
          "| compile s before -> after |", "|---|---|---|---|---|---|"]
   for row in rep["rows"]:

@@ -1,0 +1,167 @@
+"""Weight gradients only for the candidate groups some client of a chunk trains.
+
+A client-update variant (``client.make_client_update(blocks=...)``) trains a
+static set of groups; with random masks a chunk's clients select only some
+of them, and the backward pass would still compute the weight gradients of
+every group in the set, for every client, only for the update to mask them
+to zero. Under ``vmap`` a per-client choice cannot skip work (a batched
+predicate turns ``lax.cond`` into ``select``, which runs both sides), but a
+*chunk-level* one can: the chunk's union of masks is unbatched
+(``batches.chunk_max``, a ``pmax`` over the chunk's vmap axis), so a
+``lax.cond`` on it stays a real branch.
+
+:func:`gated` installs a Flax method interceptor that runs every ``nn.Dense``
+whose kernel belongs to a candidate group through :func:`gated_dot`: the
+forward product is ``nn.Dense``'s own; its backward pass always computes the
+input gradient (the layers below need it) and computes the kernel gradient
+only when the group's gate is on (zeros otherwise, exactly what the update's
+mask would have made of it). Biases, norms and attention products are left
+to autodiff (their weight gradients cost O(tokens x width)). Results are
+identical to the ungated update (``tests/test_grad_gates.py``): a gate is off
+only where every client of the chunk masks the gradient anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsel_jax import batches
+
+PyTree = Any
+
+
+def kernel_groups(index: PyTree, trained: Sequence[int] | None = None
+                  ) -> dict[tuple[str, ...], int]:
+  """Module path -> candidate group of each dense ``kernel`` leaf of a candidate group.
+
+  Args:
+    index: the static leaf -> group table (``masks.group_index``), shaped
+      like the params (without the ``'params'`` key).
+    trained: keep only these groups (a variant's; default every candidate).
+  """
+  out = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(index):
+    names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+    if (names and names[-1] == "kernel" and int(g) >= 0
+        and (trained is None or int(g) in trained)):
+      out[names[:-1]] = int(g)
+  return out
+
+
+def _dot(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+  """``nn.Dense``'s product: the last axis of x against the first of w."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gated_dot(x: jax.Array, w: jax.Array, on: jax.Array, precision=None) -> jax.Array:
+  """``x @ w`` whose backward pass computes the gradient of ``w`` only if ``on > 0``.
+
+  Args:
+    x: [..., D] inputs.
+    w: [D, F] kernel.
+    on: f32 scalar gate (1 = compute the kernel gradient, 0 = return zeros).
+      Unbatched under ``vmap`` for the branch to be skipped.
+    precision: ``lax.dot_general`` precision (static).
+  """
+  del on
+  return _dot(x, w, precision)
+
+
+def _gated_fwd(x, w, on, precision):
+  return _dot(x, w, precision), (x, w, on)
+
+
+def _gated_bwd(precision, res, g):
+  x, w, on = res
+  _, vjp = jax.vjp(functools.partial(_dot, precision=precision), x, w)
+  dx = vjp(g)[0]
+  dw = jax.lax.cond(on > 0, lambda: vjp(g)[1], lambda: jnp.zeros_like(w))
+  return dx, dw, jnp.zeros_like(on)
+
+
+gated_dot.defvjp(_gated_fwd, _gated_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def static_gated_dot(x: jax.Array, w: jax.Array, on: bool, precision=None) -> jax.Array:
+  """:func:`gated_dot` with a gate known at trace time (no branch in the program).
+
+  What the gated program runs once its branches are taken: the bench
+  compiles it to count the FLOPs a chunk executes (XLA's cost analysis
+  counts a conditional as its costlier branch).
+  """
+  del on
+  return _dot(x, w, precision)
+
+
+def _static_fwd(x, w, on, precision):
+  del on
+  return _dot(x, w, precision), (x, w)
+
+
+def _static_bwd(on, precision, res, g):
+  x, w = res
+  _, vjp = jax.vjp(functools.partial(_dot, precision=precision), x, w)
+  dx, dw = vjp(g)
+  return dx, (dw if on else jnp.zeros_like(w))
+
+
+static_gated_dot.defvjp(_static_fwd, _static_bwd)
+
+
+def _gated_dense(mod: nn.Dense, inputs: jax.Array, on) -> jax.Array:
+  """``nn.Dense.__call__`` of a bound ``mod`` with :func:`gated_dot` for its product."""
+  kernel = mod.get_variable("params", "kernel")
+  bias = mod.get_variable("params", "bias") if mod.use_bias else None
+  if mod.dot_general is not None or mod.dot_general_cls is not None:
+    raise NotImplementedError(f"gated Dense {mod.path} has its own dot_general")
+  inputs, kernel, bias = mod.promote_dtype(inputs, kernel, bias, dtype=mod.dtype)
+  if isinstance(on, (bool, np.bool_)):
+    y = static_gated_dot(inputs, kernel, bool(on), mod.precision)
+  else:
+    y = gated_dot(inputs, kernel, on, mod.precision)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+@contextlib.contextmanager
+def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None]:
+  """Within this context, the dense layers of ``groups`` use ``gates[group]``.
+
+  Args:
+    groups: :func:`kernel_groups` of the model's index.
+    gates: bool[K] (a traced array: a branch per layer; a numpy array:
+      fixed at trace time, :func:`static_gated_dot`): where the kernel
+      gradients of a group are needed. Only layers called through
+      ``module.apply`` while the context is active (while the loss is
+      traced) are affected.
+  """
+  if isinstance(gates, np.ndarray):
+    gates = [bool(g) for g in gates]
+  else:
+    gates = jnp.asarray(gates, jnp.float32)
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if (type(mod) is nn.Dense and context.method_name == "__call__"
+        and tuple(mod.path) in groups and not mod.is_initializing()):
+      return _gated_dense(mod, *args, gates[groups[tuple(mod.path)]], **kwargs)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def chunk_gates(mask: jax.Array) -> jax.Array:
+  """bool[K]: the groups some client of this client's chunk selects (unbatched under
+  the chunk's vmap; the client's own mask outside one)."""
+  return batches.chunk_max(mask.astype(jnp.int32)) > 0

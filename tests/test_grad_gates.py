@@ -1,0 +1,133 @@
+"""Chunk-level kernel-gradient gates (fedsel_jax/grad_gates.py) against plain autodiff."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from fedsel_jax import batches
+from fedsel_jax import client as client_lib
+from fedsel_jax import federated
+from fedsel_jax import flops
+from fedsel_jax import grad_gates
+from fedsel_jax import main as main_lib
+from fedsel_jax import masks as masks_lib
+from fedsel_jax.models import build_model
+from tests.test_core import K, naive_round, random_clients, round_data, tiny_model
+from tests.test_variants import given_masks_round, random_masks
+
+allclose = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_dot_gradients():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  w = jax.random.normal(jax.random.key(1), (4, 6))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  want = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+  for on in (1.0, 0.0):
+    dx, dw = jax.grad(loss(lambda x, w: grad_gates.gated_dot(x, w, jnp.float32(on))),
+                      argnums=(0, 1))(x, w)
+    allclose(dx, want[0])
+    allclose(dw, want[1] if on else np.zeros_like(w))
+    sx, sw = jax.grad(loss(lambda x, w: grad_gates.static_gated_dot(x, w, bool(on))),
+                      argnums=(0, 1))(x, w)
+    allclose(sx, want[0])
+    allclose(sw, want[1] if on else np.zeros_like(w))
+  np.testing.assert_array_equal(grad_gates.gated_dot(x, w, jnp.float32(0)), x @ w)
+
+
+def test_kernel_groups_name_the_candidate_dense_layers():
+  _, params, index = tiny_model()
+  groups = grad_gates.kernel_groups(index)
+  assert groups == {(f"block_{k}",): k for k in range(K)}
+  assert grad_gates.kernel_groups(index, trained=[1, 3]) == {("block_1",): 1, ("block_3",): 3}
+
+
+def _chunk_update(index, spec, gate, axis_name=batches.CHUNK_AXIS, **kw):
+  u = client_lib.make_client_update(client_lib.make_loss_fn(spec.module.apply), optax.sgd(0.1),
+                                    index, local_steps=3, batch_size=4, dense_delta=False,
+                                    gate=gate, **kw)
+  return jax.vmap(u, in_axes=(None, 0, 0, 0), axis_name=axis_name)
+
+
+def test_gates_stay_branches_under_the_chunk_vmap():
+  """The chunk's union is unbatched: real conds (a batched predicate would
+  become a select that runs both sides)."""
+  spec, params, index = tiny_model()
+  m = 3
+  data = random_clients(m, seed=0)
+  masks = np.zeros((m, K), bool)
+  masks[0, 1] = masks[1, 3] = True
+  keys = jax.random.split(jax.random.key(0), m)
+  jaxpr = str(jax.make_jaxpr(_chunk_update(index, spec, True))(params, data, masks, keys))
+  assert jaxpr.count("cond[") == K      # one per block kernel, in the scan body
+  plain = str(jax.make_jaxpr(_chunk_update(index, spec, False))(params, data, masks, keys))
+  assert "cond[" not in plain
+  got = jax.jit(_chunk_update(index, spec, True))(params, data, masks, keys)
+  want = jax.jit(_chunk_update(index, spec, False))(params, data, masks, keys)
+  jax.tree_util.tree_map(allclose, got.delta, want.delta)
+
+
+@pytest.mark.parametrize("seed,chunk,cut", [(0, 2, True), (1, 3, True), (2, 4, False),
+                                            (3, 1, True)])
+def test_gated_round_equals_naive_loop(seed, chunk, cut):
+  """Random masks, uneven clients, padding slots: the gated round is the naive loop."""
+  spec, params, index = tiny_model()
+  m = 9 if chunk == 3 else 8
+  rd = round_data(random_clients(m, seed=seed), np.arange(m) * 7, budgets=[K] * m)
+  rd["valid"][-2:] = False
+  rd["client_ids"][-2:] = 100
+  masks = random_masks(m, seed) & rd["valid"][:, None]
+  new, _ = given_masks_round(spec, index, params, rd, masks, chunk, cut=cut, grad_gates=True)
+  want = naive_round(spec, index, params, rd, masks, jax.random.key(3))
+  jax.tree_util.tree_map(allclose, new.params, want)
+
+
+def test_gated_chunks_execute_fewer_flops_for_random_masks():
+  cfg = ml_collections.ConfigDict(dict(name="mlp", depth=K, width=64, dtype="float32"))
+  spec = build_model(cfg, num_classes=3, input_shape=(6,))
+  params = spec.module.init(jax.random.key(0), spec.example_input)["params"]
+  index = masks_lib.group_index(params, spec.groups)
+
+  def parts(gates):
+    settings = federated.RoundSettings(strategy="random", local_steps=3, batch_size=4,
+                                       client_chunk=2, backprop_cut=True, diagnostics=False,
+                                       unroll=True, grad_gates=gates)
+    return federated.make_round_parts(client_lib.make_loss_fn(spec.module.apply), index, K,
+                                      optax.adam(0.01), np.ones(K, np.float32), settings)
+
+  m = 4
+  rd = dict(random_clients(m, seed=0), valid=np.ones(m, bool))
+  sparse = np.zeros((m, K), bool)
+  sparse[:, 0] = True                   # every chunk's cut is 0 ...
+  sparse[[0, 2], K - 1] = True          # ... but it trains 2 of K blocks
+  full = np.ones((m, K), bool)
+  gated, plain = parts(True), parts(False)
+  assert (flops.executed_round_flops(gated, params, rd, sparse)
+          < 0.8 * flops.executed_round_flops(plain, params, rd, sparse))
+  np.testing.assert_allclose(flops.executed_round_flops(gated, params, rd, full),
+                             flops.executed_round_flops(plain, params, rd, full), rtol=1e-3)
+
+
+def test_bad_grad_gates_value_is_one_error_line(data_dir, capsys):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = main_lib.main(["--config", os.path.join(root, "configs/digits.py:smoke"),
+                        "--check_only", f"--config.data.data_dir={data_dir}",
+                        "--config.fl.grad_gates=maybe"])
+  err = capsys.readouterr().err
+  assert code == 2
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "fl.grad_gates" in lines[0], err
+
+
+def test_gated_digits_run_checks_and_trains(data_dir, tmp_path, capsys):
+  """The flag reaches a real run (the smoke digits config, cut + gates)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = main_lib.main(["--config", os.path.join(root, "configs/digits.py:smoke"),
+                        "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={data_dir}",
+                        "--config.fl.grad_gates=True", "--config.fl.backprop_cut=True"])
+  assert code == 0, capsys.readouterr().err
