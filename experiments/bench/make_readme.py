@@ -4,7 +4,7 @@
 
 Reads every ``results/*.json`` written by ``python -m fedsel_jax.bench --json``
 (and by ``before_after.py``, ``compile_time.py``, ``cache_rerun.py``,
-``full_round.py`` and ``round_memory.py`` with ``--json``) and the hand-written ``notes.md`` next to
+``full_round.py``, ``round_memory.py``, ``scaling.py`` and ``lambda_speed.py`` with ``--json``) and the hand-written ``notes.md`` next to
 this file, and writes the tables; no number in the README is typed by hand.
 """
 
@@ -117,6 +117,36 @@ def memory_table(name: str, rep: dict) -> list[str]:
   return out + [""]
 
 
+def scaling_table(name: str, rep: dict) -> list[str]:
+  out = [f"### `{name}` (experiments/bench/scaling.py)", "", f"`{rep['command']}`", "",
+         f"{rep['date']}; {rep['cpus']} cores ({rep['device']}); load average "
+         f"{_load(rep['load'])} before, {_load(rep['load_after'])} after.", "",
+         "| clients / round | chunk | compile s | s/round median | ms per client | vs smallest M "
+         "| XLA temp MB |", "|---|---|---|---|---|---|---|"]
+  out += [f"| {r['clients']} | {r['chunk']} | {r['compile_s']:.1f} | {r['median_s']:.2f} | "
+          f"{1e3 * r['s_per_client']:.3f} | {r['per_client_over_smallest']:.2f}x | "
+          f"{r['xla_temp_mb']:.0f} |" for r in rep["rows"]]
+  return out + [""]
+
+
+def lambda_table(name: str, rep: dict) -> list[str]:
+  s = rep["settings"]
+  out = [f"### `{name}` (experiments/bench/lambda_speed.py)", "", f"`{rep['command']}`", "",
+         f"{rep['date']}; {rep['cpus']} cores; torch {rep['torch']}; load average "
+         f"{_load(rep['load'])} before, {_load(rep['load_after'])} after; chunk "
+         f"{s['client_chunk']}, backprop_cut {s['backprop_cut']}, grad_gates "
+         f"{s.get('grad_gates', False)}.", "",
+         "| lambda | distinct masks | blocks / client | blocks in a chunk's union | round s | "
+         "torch s | round vs torch | executed / needed |", "|---|---|---|---|---|---|---|---|"]
+  for r in rep["rows"]:
+    torch = (f"{r['torch']['median_s']:.3f} | {r['speedup_over_torch']:.2f}x"
+             if "torch" in r else "- | -")
+    out.append(f"| {r['lam']:g} | {r['distinct_masks']} | {r['mean_blocks']:.2f} | "
+               f"{r['mean_chunk_union']:.2f} | {r['round']['median_s']:.3f} | {torch} | "
+               f"{r['executed_flops'] / r['needed_flops']:.2f}x |")
+  return out + [""]
+
+
 def main():
   lines = ["# Round speed", ""]
   notes = os.path.join(HERE, "notes.md")
@@ -126,7 +156,11 @@ def main():
   for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
     rep = json.load(open(path))
     name = os.path.relpath(path, HERE)
-    if "runs" in rep:
+    if rep.get("rows") and "mean_chunk_union" in rep["rows"][0]:
+      lines += lambda_table(name, rep)
+    elif rep.get("rows") and "s_per_client" in rep["rows"][0]:
+      lines += scaling_table(name, rep)
+    elif "runs" in rep:
       lines += full_round_table(name, rep)
     elif rep.get("rows") and "ways" in rep["rows"][0]:
       lines += memory_table(name, rep)
