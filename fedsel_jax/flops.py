@@ -73,12 +73,13 @@ def executed_round_flops(parts: federated.RoundParts, params: PyTree, rd: dict,
   data = {f: np.asarray(rd[f])[order] for f in ("x", "y", "mask", "num_examples")}
   masks = np.asarray(masks)[order]
   keys = jax.random.split(jax.random.key(0), mp)
-  costs: dict[int, float] = {}
+  costs: dict[tuple[int, tuple[int, ...]], float] = {}
   total = 0.
   for start in range(0, mp, chunk):
     sl = slice(start, start + chunk)
     v = int(federated.pick_variant(table, jnp.asarray(masks[sl]), jnp.asarray(weights[order][sl])))
-    gates = tuple(np.flatnonzero(masks[sl].any(0))) if parts.settings.grad_gates else ()
+    real = masks[sl] & valid[order][sl, None]
+    gates = tuple(np.flatnonzero(real.any(0))) if parts.settings.grad_gates else ()
     if (v, gates) not in costs:
       fn = jax.jit(jax.vmap(_chunk_update(parts, v, gates), in_axes=(None, 0, 0, 0)))
       chunk_data = {f: a[sl] for f, a in data.items()}

@@ -154,7 +154,8 @@ def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None
     mod = context.module
     if (type(mod) is nn.Dense and context.method_name == "__call__"
         and tuple(mod.path) in groups and not mod.is_initializing()):
-      return _gated_dense(mod, *args, gates[groups[tuple(mod.path)]], **kwargs)
+      inputs = args[0] if args else kwargs["inputs"]
+      return _gated_dense(mod, inputs, gates[groups[tuple(mod.path)]])
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

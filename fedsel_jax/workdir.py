@@ -35,6 +35,11 @@ RESUMABLE = ("fl.num_rounds", "fl.max_bad_rounds", "eval_every", "eval_batch_siz
              "compare_strategies", "selection.check_exact", "data.data_dir", "data.archive",
              "fl.device_data", "fl.device_data_max_mb")   # where data lives, not what it is
 
+# Fields added after runs were recorded, with the value that reproduces the
+# programs of before: a fingerprint leaves such a field out while it holds
+# that value, so older workdirs and sweeps still resume and count as done.
+ADDED_LATER = {"fl.grad_gates": False}
+
 FINGERPRINT = "fingerprint.json"
 LOCK = ".lock"
 _RUN_FILES = ("checkpoints", "metrics.csv", "selection.npz", "final.json", FINGERPRINT)
@@ -56,7 +61,8 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``{'fields': {...}, 'sha256': hex}`` of the fields that define the run."""
-  fields = {k: v for k, v in sorted(flatten(config).items()) if k not in RESUMABLE}
+  fields = {k: v for k, v in sorted(flatten(config).items())
+            if k not in RESUMABLE and not (k in ADDED_LATER and v == ADDED_LATER[k])}
   text = json.dumps(fields, sort_keys=True, default=str)
   return {"fields": fields, "sha256": hashlib.sha256(text.encode()).hexdigest()}
 

@@ -131,3 +131,19 @@ def test_gated_digits_run_checks_and_trains(data_dir, tmp_path, capsys):
                         "--workdir", str(tmp_path / "run"), f"--config.data.data_dir={data_dir}",
                         "--config.fl.grad_gates=True", "--config.fl.backprop_cut=True"])
   assert code == 0, capsys.readouterr().err
+
+
+def test_fingerprint_leaves_out_the_flag_at_its_old_value():
+  """Workdirs recorded before fl.grad_gates existed still match a config with it off;
+  turning it on is another run."""
+  from configs import default
+  from fedsel_jax import workdir
+  config = default.get_config()
+  off = workdir.fingerprint(config)
+  assert "fl.grad_gates" not in off["fields"]
+  older = dict(off["fields"])            # what a workdir of before recorded
+  assert workdir.differences(older, workdir.fingerprint(config)["fields"]) == []
+  config.fl.grad_gates = True
+  on = workdir.fingerprint(config)
+  assert workdir.differences(older, on["fields"]) == ["fl.grad_gates: '(absent)' -> True"]
+  assert on["sha256"] != off["sha256"]
