@@ -114,8 +114,8 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
   """Builds ``client_update(params, data, mask, key) -> ClientResult``.
 
   The update works on the trainable subtree only (the common leaves and the
-  candidate groups of this variant): the other leaves are read from
-  ``params`` as constants and carry no gradient, optimizer state or delta.
+  variant's candidate groups); the other leaves are constants read from
+  ``params``, with no gradient, optimizer state or delta.
 
   Args:
     loss_fn: from :func:`make_loss_fn`.
@@ -130,21 +130,17 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
       (0 = no cut): the variant trains every group ``>= cut``.
     blocks: static candidate groups this variant trains (overrides ``cut``).
       Groups outside it must be unselected in every mask passed in.
-    unroll: unroll the local-step loop. XLA:CPU runs convolutions inside a
-      loop body about 17x slower than unrolled (a small CNN, 5 steps: 374 ms
-      rolled, 22 ms unrolled); it only helps where no outer loop remains
-      (a single chunk). Dense and attention models do not need it.
+    unroll: unroll the local-step loop (XLA:CPU runs convolutions in a loop
+      body ~17x slower: a small CNN, 5 steps, 374 ms rolled, 22 ms unrolled;
+      it helps only where no outer loop remains, a single chunk).
     dense_delta: return ``delta`` as a full pytree like params (zeros on the
       leaves outside the variant); False puts ``None`` there (the round's
       aggregation skips them, so no per-client zeros are materialised).
-    gate: compute the dense-kernel gradients of a trained group only when
-      some client of the chunk selects it (``grad_gates``; the chunk is the
-      vmap over ``batches.CHUNK_AXIS``, else the client itself). Same
-      result; it saves work for random masks, where a variant's groups are
-      a superset of what the chunk trains.
-    static_gates: with ``gate``, fix the gates at trace time instead: only
-      these groups get kernel gradients (``flops`` compiles a chunk's
-      gated update this way to count what it executes).
+    gate: kernel gradients of a trained group only when some client of the
+      chunk (the vmap over ``batches.CHUNK_AXIS``) selects it; same result
+      (``grad_gates``).
+    static_gates: with ``gate``, gates fixed at trace time to these groups
+      (``flops`` counts a gated chunk's FLOPs this way).
 
   The returned function takes:
     params: the server model theta^t.
@@ -154,6 +150,62 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     key: PRNG key of this client and round.
   """
   keep = differentiable_leaves(index, cut, blocks)
+  grad_fn, gates_of = _gated_grad_fn(loss_fn, index, keep, gate, static_gates)
+
+  def client_update(params, data, mask, key):
+    data = jax.tree_util.tree_map(jnp.asarray, data)
+    train, frozen = split_leaves(params, keep)
+    selected, _ = split_leaves(masks_lib.mask_tree(mask, index), keep)
+    batch_key, dropout_key = jax.random.split(key)
+    rows = batch_positions(batch_key, data["mask"], local_steps, batch_size)
+    local, losses = _local_steps(grad_fn, optimizer, train, frozen, selected, gates_of(mask),
+                                 data, rows, jax.random.split(dropout_key, local_steps), unroll)
+    delta = [jnp.where(t, new - old, 0) for t, new, old in zip(selected, local, train)]
+    rest = [jnp.zeros(p.shape, p.dtype) if dense_delta else None for p in frozen]
+    return ClientResult(delta=merge_leaves(delta, rest, keep),
+                        num_examples=data["num_examples"].astype(jnp.int32),
+                        loss=jnp.mean(losses))
+
+  return client_update
+
+
+def _local_steps(grad_fn: Callable, optimizer: optax.GradientTransformation, train: list,
+                 frozen: list, selected: list, gates, data: dict, rows: jax.Array,
+                 keys: jax.Array, unroll: bool) -> tuple[list, jax.Array]:
+  """tau masked optimizer steps from ``train``: ``(trained leaves, losses f32[tau])``.
+
+  ``rows[s]`` are step s's minibatch rows, ``keys[s]`` its dropout key;
+  ``selected`` the per-leaf mask of the trained leaves.
+  """
+  ones = jnp.ones(rows.shape[1:], jnp.float32)
+
+  def step(carry, inputs):
+    local, opt_state = carry
+    idx, k = inputs
+    loss, grads = grad_fn(local, frozen, gates, data["x"][idx], data["y"][idx], ones, k)
+    grads = [jnp.where(t, g, 0) for t, g in zip(selected, grads)]
+    updates, opt_state = optimizer.update(grads, opt_state, local)
+    # Mask the update, not only the gradient: momentum and weight decay
+    # must not move unselected leaves; `where` keeps them bit-identical.
+    local = [jnp.where(t, p + u.astype(p.dtype), p)
+             for t, p, u in zip(selected, local, updates)]
+    return (local, opt_state), loss
+
+  (local, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), (rows, keys),
+                                    unroll=unroll)
+  return local, losses
+
+
+def _gated_grad_fn(loss_fn: Callable, index: PyTree, keep: PyTree, gate: bool,
+                   static_gates: Sequence[int] | None) -> tuple[Callable, Callable]:
+  """``(grad_fn, gates_of)`` of :func:`make_client_update`.
+
+  ``grad_fn(train, frozen, gates, x, y, weights, key) -> (loss, grads of train)``
+  runs the loss with the kernel-gradient gates of the variant's groups
+  (``grad_gates``) when ``gate``; ``gates_of(mask)`` is what it takes: None
+  without gates, the fixed ``static_gates`` as a numpy bool[K], else the
+  chunk's union of masks.
+  """
   trained = sorted({int(g) for g, t in zip(jax.tree_util.tree_leaves(index),
                                           jax.tree_util.tree_leaves(keep)) if t and g >= 0})
   groups = grad_gates.kernel_groups(index, trained) if gate else {}
@@ -164,44 +216,14 @@ def make_client_update(loss_fn: Callable, optimizer: optax.GradientTransformatio
     with grad_gates.gated(groups, gates):
       return loss_fn(merge_leaves(train, frozen, keep), *a)
 
-  grad_fn = jax.value_and_grad(loss_of)
-
-  def client_update(params, data, mask, key):
-    data = jax.tree_util.tree_map(jnp.asarray, data)
-    train, frozen = split_leaves(params, keep)
-    selected, _ = split_leaves(masks_lib.mask_tree(mask, index), keep)
-    batch_key, dropout_key = jax.random.split(key)
-    rows = batch_positions(batch_key, data["mask"], local_steps, batch_size)
-    ones = jnp.ones((batch_size,), jnp.float32)
+  def gates_of(mask):
     if not groups:
-      gates = None
-    elif static_gates is not None:
-      gates = np.isin(np.arange(mask.shape[-1]), list(static_gates))
-    else:
-      gates = grad_gates.chunk_gates(mask)
+      return None
+    if static_gates is not None:
+      return np.isin(np.arange(mask.shape[-1]), list(static_gates))
+    return grad_gates.chunk_gates(mask)
 
-    def step(carry, inputs):
-      local, opt_state = carry
-      idx, k = inputs
-      loss, grads = grad_fn(local, frozen, gates, data["x"][idx], data["y"][idx], ones, k)
-      grads = [jnp.where(t, g, 0) for t, g in zip(selected, grads)]
-      updates, opt_state = optimizer.update(grads, opt_state, local)
-      # Mask the update, not only the gradient: momentum and weight decay
-      # must not move unselected leaves; `where` keeps them bit-identical.
-      local = [jnp.where(t, p + u.astype(p.dtype), p)
-               for t, p, u in zip(selected, local, updates)]
-      return (local, opt_state), loss
-
-    keys = jax.random.split(dropout_key, local_steps)
-    (local, _), losses = jax.lax.scan(step, (train, optimizer.init(train)), (rows, keys),
-                                      unroll=unroll)
-    delta = [jnp.where(t, new - old, 0) for t, new, old in zip(selected, local, train)]
-    rest = [jnp.zeros(p.shape, p.dtype) if dense_delta else None for p in frozen]
-    return ClientResult(delta=merge_leaves(delta, rest, keep),
-                        num_examples=data["num_examples"].astype(jnp.int32),
-                        loss=jnp.mean(losses))
-
-  return client_update
+  return jax.value_and_grad(loss_of), gates_of
 
 
 def lowest_selected(masks: jax.Array) -> jax.Array:

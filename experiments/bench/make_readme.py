@@ -90,11 +90,16 @@ def rerun_table(name: str, rep: dict) -> list[str]:
   return out + [""]
 
 
+def _run_header(name: str, what: str, rep: dict, extra: str = "") -> list[str]:
+  """Title, command and the date/cores/load line of a table of one script's run."""
+  return [f"### `{name}` ({what})", "", f"`{rep['command']}`", "",
+          f"{rep['date']}; {rep['cpus']} cores; load average {_load(rep['load'])} before, "
+          f"{_load(rep['load_after'])} after" + (f"; {extra}" if extra else "."), ""]
+
+
 def full_round_table(name: str, rep: dict) -> list[str]:
-  out = [f"### `{name}` (experiments/bench/full_round.py: commit {rep['rev']} against "
-         f"{rep['today']})", "", f"`{rep['command']}`", "",
-         f"{rep['date']}; {rep['cpus']} cores; load average {_load(rep['load'])} before, "
-         f"{_load(rep['load_after'])} after; fresh processes, alternately.", "",
+  out = _run_header(name, f"experiments/bench/full_round.py: commit {rep['rev']} against "
+                          f"{rep['today']}", rep, "fresh processes, alternately.") + [
          "| side | compile s | first call s | s/round median |", "|---|---|---|---|"]
   out += [f"| {r['side']} | {r['compile_s']:.1f} | {r['first_s']:.3f} | {r['median_s']:.3f} |"
           for r in rep["runs"]]
@@ -104,9 +109,7 @@ def full_round_table(name: str, rep: dict) -> list[str]:
 
 
 def memory_table(name: str, rep: dict) -> list[str]:
-  out = [f"### `{name}` (experiments/bench/round_memory.py)", "", f"`{rep['command']}`", "",
-         f"{rep['date']}; {rep['cpus']} cores; load average {_load(rep['load'])} before, "
-         f"{_load(rep['load_after'])} after.", "",
+  out = _run_header(name, "experiments/bench/round_memory.py", rep) + [
          "| clients / round | chunk | n_max (mean rows) | round data | XLA args MB | XLA temp MB "
          "| s/round |", "|---|---|---|---|---|---|---|"]
   for row in rep["rows"]:
@@ -118,9 +121,7 @@ def memory_table(name: str, rep: dict) -> list[str]:
 
 
 def scaling_table(name: str, rep: dict) -> list[str]:
-  out = [f"### `{name}` (experiments/bench/scaling.py)", "", f"`{rep['command']}`", "",
-         f"{rep['date']}; {rep['cpus']} cores ({rep['device']}); load average "
-         f"{_load(rep['load'])} before, {_load(rep['load_after'])} after.", "",
+  out = _run_header(name, "experiments/bench/scaling.py", rep, f"device {rep['device']}.") + [
          "| clients / round | chunk | compile s | s/round median | ms per client | vs smallest M "
          "| XLA temp MB |", "|---|---|---|---|---|---|---|"]
   out += [f"| {r['clients']} | {r['chunk']} | {r['compile_s']:.1f} | {r['median_s']:.2f} | "
@@ -131,11 +132,9 @@ def scaling_table(name: str, rep: dict) -> list[str]:
 
 def lambda_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
-  out = [f"### `{name}` (experiments/bench/lambda_speed.py)", "", f"`{rep['command']}`", "",
-         f"{rep['date']}; {rep['cpus']} cores; torch {rep['torch']}; load average "
-         f"{_load(rep['load'])} before, {_load(rep['load_after'])} after; chunk "
-         f"{s['client_chunk']}, backprop_cut {s['backprop_cut']}, grad_gates "
-         f"{s.get('grad_gates', False)}.", "",
+  out = _run_header(name, "experiments/bench/lambda_speed.py", rep,
+                    f"torch {rep['torch']}; chunk {s['client_chunk']}, backprop_cut "
+                    f"{s['backprop_cut']}, grad_gates {s.get('grad_gates', False)}.") + [
          "| lambda | distinct masks | blocks / client | blocks in a chunk's union | round s | "
          "torch s | round vs torch | executed / needed |", "|---|---|---|---|---|---|---|---|"]
   for r in rep["rows"]:
