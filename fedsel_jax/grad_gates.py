@@ -15,7 +15,10 @@ whose kernel belongs to a candidate group through :func:`gated_dot`: the
 forward product is ``nn.Dense``'s own; its backward pass always computes the
 input gradient (the layers below need it) and computes the kernel gradient
 only when the group's gate is on (zeros otherwise, exactly what the update's
-mask would have made of it). Biases, norms and attention products are left
+mask would have made of it). ``nn.DenseGeneral`` (the q/k/v/out projections
+of ``nn.MultiHeadDotProductAttention``) and ``nn.Conv`` kernels are gated the
+same way through :func:`gated_call`, which runs the module's own ``__call__``
+on an unbound copy. Biases, norms and attention products are left
 to autodiff (their weight gradients cost O(tokens x width)). Results are
 identical to the ungated update (``tests/test_grad_gates.py``): a gate is off
 only where every client of the chunk masks the gradient anyway.
@@ -39,7 +42,7 @@ PyTree = Any
 
 def kernel_groups(index: PyTree, trained: Sequence[int] | None = None
                   ) -> dict[tuple[str, ...], int]:
-  """Module path -> candidate group of each dense ``kernel`` leaf of a candidate group.
+  """Module path -> candidate group of each ``kernel`` leaf of a candidate group.
 
   Args:
     index: the static leaf -> group table (``masks.group_index``), shaped
@@ -118,7 +121,8 @@ static_gated_dot.defvjp(_static_fwd, _static_bwd)
 
 
 def _gated_dense(mod: nn.Dense, inputs: jax.Array, on) -> jax.Array:
-  """``nn.Dense.__call__`` of a bound ``mod`` with :func:`gated_dot` for its product."""
+  """``nn.Dense.__call__`` of a bound ``mod`` with :func:`gated_dot` for its product
+  (``on``: a traced f32 gate or a bool fixed at trace time)."""
   kernel = mod.get_variable("params", "kernel")
   bias = mod.get_variable("params", "bias") if mod.use_bias else None
   if mod.dot_general is not None or mod.dot_general_cls is not None:
@@ -133,9 +137,65 @@ def _gated_dense(mod: nn.Dense, inputs: jax.Array, on) -> jax.Array:
   return y
 
 
+def gated_call(fn, x: jax.Array, kernel: jax.Array, rest: dict, on) -> jax.Array:
+  """``fn(x, kernel, rest)`` whose backward pass computes the kernel's gradient only
+  if the gate is on; the gradients of ``x`` and ``rest`` (a bias) always.
+
+  Args:
+    fn: a function linear in ``kernel`` (a module's product).
+    x: its input.
+    kernel: the gated weight.
+    rest: the module's other parameters (dict of arrays).
+    on: f32 scalar gate, unbatched under ``vmap`` for the branch to be
+      skipped (:func:`gated_dot`), or a bool fixed at trace time
+      (:func:`static_gated_dot`: no branch in the program).
+  """
+  static = isinstance(on, (bool, np.bool_))
+
+  @jax.custom_vjp
+  def call(x, kernel, rest, gate):
+    del gate
+    return fn(x, kernel, rest)
+
+  def fwd(x, kernel, rest, gate):
+    return fn(x, kernel, rest), (x, kernel, rest, gate)
+
+  def bwd(res, g):
+    x, kernel, rest, gate = res
+    dx, drest = jax.vjp(lambda a, r: fn(a, kernel, r), x, rest)[1](g)
+    dkernel = lambda: jax.vjp(lambda k: fn(x, k, rest), kernel)[1](g)[0]
+    zeros = lambda: jnp.zeros_like(kernel)
+    if static:
+      dk = dkernel() if on else zeros()
+    else:
+      dk = jax.lax.cond(gate > 0, dkernel, zeros)
+    return dx, dk, drest, jnp.zeros_like(gate)
+
+  call.defvjp(fwd, bwd)
+  return call(x, kernel, rest, jnp.float32(0) if static else on)
+
+
+def _gated_module(mod: nn.Module, inputs: jax.Array, on) -> jax.Array:
+  """A bound ``nn.DenseGeneral`` / ``nn.Conv`` call, its kernel gradient gated: the
+  module's own ``__call__`` runs on an unbound copy given the same parameters."""
+  params = dict(mod.variables["params"])
+  kernel = params.pop("kernel")
+  unbound = mod.clone(parent=None)
+  fn = lambda x, k, rest: unbound.apply({"params": {"kernel": k, **rest}}, x)
+  return gated_call(fn, inputs, kernel, params, on)
+
+
+def _gateable(mod: nn.Module) -> bool:
+  """Whether the interceptor gates this module type (only ``params`` variables)."""
+  if type(mod) is nn.Dense:
+    return True
+  return type(mod) in (nn.DenseGeneral, nn.Conv) and set(mod.variables) == {"params"}
+
+
 @contextlib.contextmanager
 def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None]:
-  """Within this context, the dense layers of ``groups`` use ``gates[group]``.
+  """Within this context, the dense, dense-general and conv layers of ``groups`` use
+  ``gates[group]``.
 
   Args:
     groups: :func:`kernel_groups` of the model's index.
@@ -152,10 +212,12 @@ def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if (type(mod) is nn.Dense and context.method_name == "__call__"
-        and tuple(mod.path) in groups and not mod.is_initializing()):
+    if (context.method_name == "__call__" and tuple(mod.path) in groups
+        and not mod.is_initializing() and _gateable(mod) and len(args) + len(kwargs) == 1):
       inputs = args[0] if args else kwargs["inputs"]
-      return _gated_dense(mod, inputs, gates[groups[tuple(mod.path)]])
+      on = gates[groups[tuple(mod.path)]]
+      return _gated_dense(mod, inputs, on) if type(mod) is nn.Dense else _gated_module(
+          mod, inputs, on)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
