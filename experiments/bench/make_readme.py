@@ -21,6 +21,14 @@ def _load(r) -> str:
   return "/".join(f"{x:.1f}" for x in r)
 
 
+def _peak_method(rep: dict) -> str:
+  """How the report's matmul peak was taken (the bench changed it on 2026-12-02)."""
+  if "matmul_peak_samples" in rep:
+    return ("best of 5 products at 1024 and 2048, before and after the modes: "
+            + " / ".join(f"{x / 1e9:.0f}" for x in rep["matmul_peak_samples"]))
+  return "older method: median of 5 products at 2048, before the modes; reads low"
+
+
 def bench_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
   out = [f"### `{name}`", ""]
@@ -29,7 +37,8 @@ def bench_table(name: str, rep: dict) -> list[str]:
   out += [f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
          f"{rep['torch']}; {rep['date']}; load average {_load(rep['load'])} before, "
          f"{_load(rep['load_after'])} after; fp32 matmul peak measured in the run "
-         f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; chunk {s['client_chunk']}, "
+         f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({_peak_method(rep)}); "
+         f"chunk {s['client_chunk']}, "
          f"backprop_cut {s['backprop_cut']}, cut_levels {tuple(s.get('cut_levels', ()))}, "
          f"{s['local_steps']} steps x batch {s['batch_size']}.", "",
          "| masks | mode | s/round median [min-max] | samples/s | peak RSS MB | first call s |",
