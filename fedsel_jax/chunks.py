@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,6 +38,26 @@ def _chunks(tree: PyTree, chunk: int) -> PyTree:
 
 def identity(tree: PyTree) -> PyTree:
   return tree
+
+
+def trace_once(fn: Callable, *args) -> tuple[Callable, PyTree]:
+  """``(replay, shapes)``: ``fn`` traced once at ``args``, and its output shapes.
+
+  Where a program needs a function's output shapes before it uses the
+  function (a scan's output buffers, a cond's skipped branch),
+  ``jax.eval_shape`` would trace it a second time, seconds for a
+  transformer's gradient pass on every first call; ``replay(*args)`` binds
+  the recorded program again instead (the same operations, so the same
+  results).
+  """
+  closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+  out_tree = jax.tree_util.tree_structure(shapes)
+  run = jax.extend.core.jaxpr_as_fun(closed)
+
+  def replay(*a):
+    return jax.tree_util.tree_unflatten(out_tree, run(*jax.tree_util.tree_leaves(a)))
+
+  return replay, shapes
 
 
 @flax.struct.dataclass
@@ -127,12 +148,12 @@ def scan_client_chunks(client_fns: Callable | Sequence[Callable], shared: PyTree
   # outputs back to them, so neither side is ever copied whole.
   pick = lambda idx: [jnp.asarray(x)[idx] for x in slots]  # noqa: E731
   order = jnp.asarray(order, jnp.int32).reshape(-1, chunk)
-  shapes = jax.eval_shape(lambda: run_chunk(init, pick(order[0]))[1])
+  chunk_fn, (_, shapes) = trace_once(run_chunk, init, pick(order[0]))
   out = jax.tree_util.tree_map(lambda a: jnp.zeros((mp,) + a.shape[1:], a.dtype), shapes)
 
   def body(state, idx):
     carry, out = state
-    carry, kept = run_chunk(carry, pick(idx))
+    carry, kept = chunk_fn(carry, pick(idx))
     return (carry, jax.tree_util.tree_map(lambda o, k: o.at[idx].set(k), out, kept)), None
 
   (carry, kept), _ = jax.lax.scan(body, (init, out), order)

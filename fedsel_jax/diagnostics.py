@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from fedsel_jax import batches as batches_lib
+from fedsel_jax import chunks
 from fedsel_jax import masks as masks_lib
 # Re-exported: the per-client estimators and the curvature (callers use diagnostics.*).
 from fedsel_jax.estimators import ESTIMATORS  # noqa: F401
@@ -314,6 +315,6 @@ def diagnose_round(diagnose: Callable, params: PyTree, rd: dict, masks: jax.Arra
     return diagnose(params, pop, pop_masks, n, n * sampled, client_keys(key, pop["client_ids"]),
                     chunk, jax.random.fold_in(key, 0x7FFFFFFF), sampled_too=True)
 
-  skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
-                                   jax.eval_shape(run, None))
+  run, shapes = chunks.trace_once(run, None)
+  skipped = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
   return jax.lax.cond(rd.get("diagnose", True), run, lambda _: skipped, None)

@@ -48,6 +48,7 @@ from fedsel_jax.chunks import identity
 from fedsel_jax.chunks import padded_clients  # noqa: F401
 from fedsel_jax.chunks import pick_variant
 from fedsel_jax.chunks import scan_client_chunks
+from fedsel_jax.chunks import trace_once
 from fedsel_jax.chunks import variant_cost  # noqa: F401
 from fedsel_jax import diagnostics
 from fedsel_jax import scores as scores_lib
@@ -298,7 +299,8 @@ def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Arr
       scores = jax.vmap(lambda g: scores_lib.scores_from_stats(
           kind, {"mean_grad": g}, params, parts.index, parts.k))(grads)
       return losses, grads, scores
-  zeros = lambda _: jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(run, None))
+  run, shapes = trace_once(run, None)
+  zeros = lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   losses, grads, scores = jax.lax.cond(jnp.any(need) | rd.get("diagnose", True), run, zeros,
                                        None)
   return losses, grads, jnp.where(jnp.any(need), scores, 0.)

@@ -82,3 +82,27 @@ def test_a_size_sorted_scan_gathers_one_chunk_at_a_time_and_keeps_slot_order():
   assert int(carry_s) == 3 * 1000 + 7 * 100 + 11 * 10 + 15
   temp = run(True).lower(x, sizes).compile().memory_analysis().temp_size_in_bytes
   assert temp < x.nbytes / 2, (temp, x.nbytes)
+
+
+def test_trace_once_replays_one_trace_and_gives_its_shapes():
+  """The round's shape-first spots (ordered scans, skipped conds) trace their function
+  once: the replay equals the function and its program is the same."""
+  calls = []
+
+  def fn(x, tree):
+    calls.append(1)
+    return {"a": jnp.sin(x) * tree["w"], "b": (x.sum(), jnp.int32(3))}
+
+  def outer(x, w):
+    replay, shapes = chunks.trace_once(fn, x, {"w": w})
+    assert shapes["a"].shape == (3,) and shapes["b"][1].dtype == jnp.int32
+    skipped = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.cond(w > 0, lambda: replay(x, {"w": w}), lambda: skipped), fn(x, {"w": w})
+
+  x = jnp.arange(3.)
+  (got, want) = jax.jit(outer)(x, 2.)
+  assert len(calls) == 2                     # once for trace_once, once for `want`
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  lowered = lambda f: jax.jit(f).lower(x, 2.).as_text(debug_info=False)
+  assert lowered(lambda x, w: chunks.trace_once(fn, x, {"w": w})[0](x, {"w": w})) == \
+      lowered(lambda x, w: fn(x, {"w": w}))
