@@ -191,6 +191,11 @@ def _check_cross_fields(config) -> None:
     fits = sorted(m for m, k in MODEL_MODALITY.items() if k == have)
     raise ConfigError(f"model.name={model.name!r} reads {need} but data.name={data.name!r} "
                       f"yields {have}; use one of {fits}")
+  if model.name == "vit":                # models/small.py: heads split the width
+    width, heads = model.get("width", 192), model.get("num_heads", 3)
+    if width % heads:
+      raise ConfigError(f"model.width={width} must be a multiple of model.num_heads={heads} "
+                        f"for model.name='vit' (e.g. {heads * max(1, width // heads)})")
   if data.partition in ("iid", "dirichlet") and data.num_clients < 1:
     raise ConfigError(f"data.num_clients must be >= 1 for data.partition={data.partition!r}, "
                       f"got {data.num_clients} (0 means one client per group, natural only)")

@@ -82,6 +82,7 @@ def run_cli(*args, timeout=60):
     ("--config.fl.clients_per_round=20", "fl.clients_per_round=20 exceeds"),
     ("--config.data.alpha=0", "data.alpha must be > 0"),
     ("--config.selection.lam=inf", "selection.lam must be a finite number"),
+    ("--config.model.name=vit", "model.width=16 must be a multiple of model.num_heads=3"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(data_dir, tmp_path, override, needle):
   proc, seconds = run_cli("--config", "configs/digits.py:smoke", "--workdir", str(tmp_path),
