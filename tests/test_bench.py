@@ -41,3 +41,12 @@ def test_bench_reports_every_mode_and_flop_count(tmp_path):
 def test_bench_times_host_round_data_when_the_run_would(tmp_path):
   _, report = run_bench(tmp_path, "top2", "--config.fl.device_data=off")
   assert report["rows"][0]["modes"]["round"]["round_data"] == "host"
+
+
+def test_a_model_without_an_analytic_count_prints_no_nan():
+  from fedsel_jax import bench
+  row = dict(masks="random", mean_blocks=1.7, samples=800, modes={}, speedup_over_loop=1.0,
+             executed_flops=3.8e10, needed_flops=float("nan"), executed_over_needed=float("nan"),
+             mfu_needed=float("nan"), mfu_executed=0.26)
+  text = bench.format_row(row)
+  assert "nan" not in text and "no analytic count" in text and "26% executed" in text
