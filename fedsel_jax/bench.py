@@ -18,7 +18,8 @@ For each mask kind it times, on the config's round-0 clients and data:
 
 and prints samples/s = M * tau * B / median seconds, the ratios, executed
 FLOPs (XLA cost analysis of each chunk's client-update variant, summed over
-the round's chunks) against the analytic FLOPs the masks need, MFU against an
+the round's chunks) against the analytic FLOPs the masks need, MFU (the median
+round against the best matmul seen, so if anything an underestimate) against an
 fp32 matmul peak measured in the same run, peak memory (process RSS high-water
 mark during each mode, and XLA's memory analysis of the compiled round) and
 the compile time. Mask kinds: ``config`` (what the config's own selection

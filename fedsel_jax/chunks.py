@@ -48,14 +48,20 @@ def trace_once(fn: Callable, *args) -> tuple[Callable, PyTree]:
   ``jax.eval_shape`` would trace it a second time, seconds for a
   transformer's gradient pass on every first call; ``replay(*args)`` binds
   the recorded program again instead (the same operations, so the same
-  results).
+  results). Its arguments must match the traced ones in structure, shapes
+  and dtypes (a different structure is an error; static fields of pytree
+  nodes keep their traced values).
   """
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+  in_tree = jax.tree_util.tree_structure(args)
   out_tree = jax.tree_util.tree_structure(shapes)
   run = jax.extend.core.jaxpr_as_fun(closed)
 
   def replay(*a):
-    return jax.tree_util.tree_unflatten(out_tree, run(*jax.tree_util.tree_leaves(a)))
+    leaves, tree = jax.tree_util.tree_flatten(a)
+    if tree != in_tree:
+      raise TypeError(f"trace_once: replayed with {tree}, traced with {in_tree}")
+    return jax.tree_util.tree_unflatten(out_tree, run(*leaves))
 
   return replay, shapes
 

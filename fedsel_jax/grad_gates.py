@@ -212,7 +212,9 @@ def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if (context.method_name == "__call__" and tuple(mod.path) in groups
+    # A root module (path ()) is never gated: _gated_module's inner apply of the
+    # unbound copy comes back through this interceptor with that path.
+    if (context.method_name == "__call__" and mod.path and tuple(mod.path) in groups
         and not mod.is_initializing() and _gateable(mod) and len(args) + len(kwargs) == 1):
       inputs = args[0] if args else kwargs["inputs"]
       on = gates[groups[tuple(mod.path)]]

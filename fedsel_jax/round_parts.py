@@ -30,7 +30,7 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class RoundParts:
-  """Static pieces a round's steps share (built once by :func:`make_round_fn`).
+  """Static pieces a round's steps share (built once by ``federated.make_round_fn``).
 
   Attributes:
     settings: the static round settings.
@@ -115,7 +115,7 @@ def make_round_parts(loss_fn: Callable, index: PyTree, num_candidates: int,
                      settings: RoundSettings,
                      client_sharding: jax.sharding.Sharding | None = None,
                      backward: np.ndarray | None = None) -> RoundParts:
-  """The static :class:`RoundParts` of :func:`make_round_fn`."""
+  """The static :class:`RoundParts` of ``federated.make_round_fn``."""
   k = num_candidates
   # `head` trains no candidate layer: the empty variant skips the encoder's
   # backward pass entirely, whatever backprop_cut says.

@@ -92,6 +92,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.max_len": _int(4), "data.min_lines": _int(1), "data.max_roles": _int(0),
     "data.task": _choice(*TASKS), "data.image_size": _int(0),
     "model.dtype": _choice(*DTYPES), "model.width": _int(1), "model.depth": _int(1),
+    "model.num_heads": _int(1),
     "model.features": _positive_ints, "model.max_len": _int(4),
     "model.pooling": _choice("mean", "cls"),
     "model.embeddings": _choice("auto", "fixed", "trained"),  # = models.EMBEDDINGS

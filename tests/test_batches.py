@@ -106,3 +106,14 @@ def test_trace_once_replays_one_trace_and_gives_its_shapes():
   lowered = lambda f: jax.jit(f).lower(x, 2.).as_text(debug_info=False)
   assert lowered(lambda x, w: chunks.trace_once(fn, x, {"w": w})[0](x, {"w": w})) == \
       lowered(lambda x, w: fn(x, {"w": w}))
+
+
+def test_trace_once_refuses_another_structure():
+  replay, _ = chunks.trace_once(lambda t: t["a"] + t["b"], {"a": 1., "b": 2.})
+  assert replay({"a": 3., "b": 4.}) == 7.
+  try:
+    replay({"b": 1., "c": 2.})
+  except TypeError as e:
+    assert "traced with" in str(e)
+  else:
+    raise AssertionError("a different structure was replayed")

@@ -115,7 +115,7 @@ def test_gated_chunks_execute_fewer_flops_for_random_masks(name):
   gated, plain = parts(True), parts(False)
   # vit: 0.79 with its attention projections gated, 0.92 with only mlp1/mlp2 (Dense)
   assert (flops.executed_round_flops(gated, params, rd, sparse)
-          < 0.85 * flops.executed_round_flops(plain, params, rd, sparse))
+          < dict(mlp=0.8, vit=0.85)[name] * flops.executed_round_flops(plain, params, rd, sparse))
   np.testing.assert_allclose(flops.executed_round_flops(gated, params, rd, full),
                              flops.executed_round_flops(plain, params, rd, full), rtol=1e-3)
 
@@ -219,3 +219,19 @@ def test_gated_image_round_equals_naive_loop(name, seed, chunk):
   new, _ = given_masks_round(spec, index, params, rd, masks, chunk, cut=True, grad_gates=True)
   want = naive_round(spec, index, params, rd, masks, jax.random.key(3))
   jax.tree_util.tree_map(allclose, new.params, want)
+
+
+def test_a_root_module_is_left_alone():
+  """The gated call's inner apply of the unbound copy has the root path (): a model
+  that is itself one DenseGeneral must not recurse (it is not gated)."""
+  import flax.linen as nn
+  mod = nn.DenseGeneral(4)
+  x = jnp.ones((2, 3))
+  params = mod.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.sum(mod.apply({"params": p}, x) ** 2)
+
+  def gated_loss(p):
+    with grad_gates.gated({(): 0}, jnp.zeros(1)):
+      return loss(p)
+
+  jax.tree_util.tree_map(allclose, jax.grad(gated_loss)(params), jax.grad(loss)(params))

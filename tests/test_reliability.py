@@ -390,7 +390,7 @@ _VALUES = {
     "selection.strategy": st.sampled_from(["full", "head", "top", "random", "proposed", "snr",
                                            "rgn_p1", "bogus"]),
     "selection.cost": st.sampled_from(["unit", "params", "flops", "time"]),
-    "model.name": st.sampled_from(["mlp", "cnn", "minilm", "clip_vit", "resnet"]),
+    "model.name": st.sampled_from(["mlp", "cnn", "vit", "minilm", "clip_vit", "resnet"]),
     "data.partition": st.sampled_from(["iid", "dirichlet", "natural", "shards"]),
     "model.dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
     "fl.backprop_cut": st.sampled_from(["true", "false", "maybe"]),
