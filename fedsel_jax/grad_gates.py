@@ -27,7 +27,6 @@ only where every client of the chunk masks the gradient anyway.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -63,63 +62,6 @@ def _dot(x: jax.Array, w: jax.Array, precision) -> jax.Array:
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gated_dot(x: jax.Array, w: jax.Array, on: jax.Array, precision=None) -> jax.Array:
-  """``x @ w`` whose backward pass computes the gradient of ``w`` only if ``on > 0``.
-
-  Args:
-    x: [..., D] inputs.
-    w: [D, F] kernel.
-    on: f32 scalar gate (1 = compute the kernel gradient, 0 = return zeros).
-      Unbatched under ``vmap`` for the branch to be skipped.
-    precision: ``lax.dot_general`` precision (static).
-  """
-  del on
-  return _dot(x, w, precision)
-
-
-def _gated_fwd(x, w, on, precision):
-  return _dot(x, w, precision), (x, w, on)
-
-
-def _gated_bwd(precision, res, g):
-  x, w, on = res
-  _, vjp = jax.vjp(functools.partial(_dot, precision=precision), x, w)
-  dx = vjp(g)[0]
-  dw = jax.lax.cond(on > 0, lambda: vjp(g)[1], lambda: jnp.zeros_like(w))
-  return dx, dw, jnp.zeros_like(on)
-
-
-gated_dot.defvjp(_gated_fwd, _gated_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def static_gated_dot(x: jax.Array, w: jax.Array, on: bool, precision=None) -> jax.Array:
-  """:func:`gated_dot` with a gate known at trace time (no branch in the program).
-
-  What the gated program runs once its branches are taken: the bench
-  compiles it to count the FLOPs a chunk executes (XLA's cost analysis
-  counts a conditional as its costlier branch).
-  """
-  del on
-  return _dot(x, w, precision)
-
-
-def _static_fwd(x, w, on, precision):
-  del on
-  return _dot(x, w, precision), (x, w)
-
-
-def _static_bwd(on, precision, res, g):
-  x, w = res
-  _, vjp = jax.vjp(functools.partial(_dot, precision=precision), x, w)
-  dx, dw = vjp(g)
-  return dx, (dw if on else jnp.zeros_like(w))
-
-
-static_gated_dot.defvjp(_static_fwd, _static_bwd)
-
-
 def _gated_dense(mod: nn.Dense, inputs: jax.Array, on) -> jax.Array:
   """``nn.Dense.__call__`` of a bound ``mod`` with :func:`gated_dot` for its product
   (``on``: a traced f32 gate or a bool fixed at trace time)."""
@@ -128,10 +70,7 @@ def _gated_dense(mod: nn.Dense, inputs: jax.Array, on) -> jax.Array:
   if mod.dot_general is not None or mod.dot_general_cls is not None:
     raise NotImplementedError(f"gated Dense {mod.path} has its own dot_general")
   inputs, kernel, bias = mod.promote_dtype(inputs, kernel, bias, dtype=mod.dtype)
-  if isinstance(on, (bool, np.bool_)):
-    y = static_gated_dot(inputs, kernel, bool(on), mod.precision)
-  else:
-    y = gated_dot(inputs, kernel, on, mod.precision)
+  y = gated_dot(inputs, kernel, on, mod.precision)
   if bias is not None:
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return y
@@ -146,9 +85,12 @@ def gated_call(fn, x: jax.Array, kernel: jax.Array, rest: dict, on) -> jax.Array
     x: its input.
     kernel: the gated weight.
     rest: the module's other parameters (dict of arrays).
-    on: f32 scalar gate, unbatched under ``vmap`` for the branch to be
-      skipped (:func:`gated_dot`), or a bool fixed at trace time
-      (:func:`static_gated_dot`: no branch in the program).
+    on: f32 scalar gate (1 = compute the kernel gradient, 0 = zeros),
+      unbatched under ``vmap`` for the branch to be skipped; or a bool fixed
+      at trace time: no branch in the program, what the gated program runs
+      once its branches are taken (the bench compiles it so to count a
+      chunk's FLOPs: XLA's cost analysis counts a conditional as its
+      costlier branch).
   """
   static = isinstance(on, (bool, np.bool_))
 
@@ -173,6 +115,12 @@ def gated_call(fn, x: jax.Array, kernel: jax.Array, rest: dict, on) -> jax.Array
 
   call.defvjp(fwd, bwd)
   return call(x, kernel, rest, jnp.float32(0) if static else on)
+
+
+def gated_dot(x: jax.Array, w: jax.Array, on, precision=None) -> jax.Array:
+  """``x @ w`` (``nn.Dense``'s product, x [..., D], w [D, F]) whose backward pass
+  computes the gradient of ``w`` only if the gate ``on`` is on (:func:`gated_call`)."""
+  return gated_call(lambda a, k, _: _dot(a, k, precision), x, w, {}, on)
 
 
 def _gated_module(mod: nn.Module, inputs: jax.Array, on) -> jax.Array:
@@ -200,7 +148,7 @@ def gated(groups: dict[tuple[str, ...], int], gates: jax.Array) -> Iterator[None
   Args:
     groups: :func:`kernel_groups` of the model's index.
     gates: bool[K] (a traced array: a branch per layer; a numpy array:
-      fixed at trace time, :func:`static_gated_dot`): where the kernel
+      fixed at trace time, see :func:`gated_call`): where the kernel
       gradients of a group are needed. Only layers called through
       ``module.apply`` while the context is active (while the loss is
       traced) are affected.

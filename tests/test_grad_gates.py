@@ -33,7 +33,7 @@ def test_gated_dot_gradients():
                       argnums=(0, 1))(x, w)
     allclose(dx, want[0])
     allclose(dw, want[1] if on else np.zeros_like(w))
-    sx, sw = jax.grad(loss(lambda x, w: grad_gates.static_gated_dot(x, w, bool(on))),
+    sx, sw = jax.grad(loss(lambda x, w: grad_gates.gated_dot(x, w, bool(on))),
                       argnums=(0, 1))(x, w)
     allclose(sx, want[0])
     allclose(sw, want[1] if on else np.zeros_like(w))
