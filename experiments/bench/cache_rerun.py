@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 CHILD = r"""
 import json, logging, sys, time
@@ -55,7 +56,10 @@ def main() -> None:
   cache = tempfile.mkdtemp(prefix="fedsel_jax_rerun_cache_")
   env = dict(os.environ, PYTHONPATH=root)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  out = dict(config=args.config, set=args.set, load=os.getloadavg(), rows=[])
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True).stdout.strip()
+  out = dict(config=args.config, set=args.set, load=os.getloadavg(), commit=commit,
+             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=[])
   for what in ("first run (cold cache)", "rerun (warm cache)"):
     proc = subprocess.run([sys.executable, "-c", CHILD, cache, args.config, *args.set],
                           cwd=root, env=env, capture_output=True, text=True, check=True)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 CHILD = r'''
 import json, statistics, sys, time
@@ -43,7 +44,8 @@ def main() -> None:
   config, flag_sets, fields = sys.argv[1], sys.argv[2].split("|"), sys.argv[3:]
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))))
-  print(f"# {config} {' '.join(fields)}; load {os.getloadavg()}", flush=True)
+  print(f"# {config} {' '.join(fields)}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"load {os.getloadavg()}", flush=True)
   for flags in flag_sets:
     cache = tempfile.mkdtemp(prefix="fedsel_jax_flags_")
     env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS=flags)
