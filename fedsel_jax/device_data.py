@@ -91,7 +91,9 @@ class StoreRows:
 
 
 def with_gather(round_fn: Callable, n_max: int, per_chunk: bool = True) -> Callable:
-  """``fn(state, round_data, store, key)``: the round on in-graph gathered data.
+  """``fn(state, round_data, store, *rest)``: ``round_fn(state, round_data', *rest)``
+  on in-graph gathered data (a round's ``rest`` is its key; the separate
+  diagnostics' is ``masks, aggregated, key, round_idx``).
 
   ``round_data`` is ``Setup.round_data(t, clients=False)``: the host round
   data without x, y and mask (its ``num_examples`` is replaced by the
@@ -101,16 +103,17 @@ def with_gather(round_fn: Callable, n_max: int, per_chunk: bool = True) -> Calla
   compare with).
   """
 
-  def round_on_store(state, rd: dict, store: dict, key):
+  def on_store(first, rd: dict, store: dict, *rest):
     ids = rd["client_ids"]
     small = gather(store, ids, n_max)           # XLA drops its unused x and y rows
     if not per_chunk:
-      return round_fn(state, dict(rd, **small), key)
+      return round_fn(first, dict(rd, **small), *rest)
     rows = {f: Deferred(ids, store, StoreRows(f, n_max)) for f in ("x", "y")}
-    return round_fn(state, dict(rd, mask=small["mask"], num_examples=small["num_examples"],
-                                **rows), key)
+    return round_fn(first, dict(rd, mask=small["mask"], num_examples=small["num_examples"],
+                                **rows), *rest)
 
-  return round_on_store
+  on_store.__name__ = f"{getattr(round_fn, '__name__', 'round_fn')}_on_store"
+  return on_store
 
 
 def place(clients: ClientArrays) -> dict[str, Any]:

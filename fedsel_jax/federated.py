@@ -20,6 +20,9 @@ clients, vmapped inside):
 5. :func:`diagnostics_step`: the convergence bound's terms at theta^t
    (optional; diagnostics.py). With ``shares_score_pass`` one gradient pass
    (:func:`shared_grads_step`) serves the scores and the diagnostics.
+   Otherwise runs compile them as a program of their own
+   (:func:`make_diagnostics_fn`, round_programs.py), called on diagnosed
+   rounds only, and build the round with ``diagnostics=False``.
 
 The static pieces the steps share (settings, loss, variants, pass factories)
 are a :class:`round_parts.RoundParts`, built once by ``make_round_parts``.
@@ -239,6 +242,43 @@ def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Arr
                                     aggregated=aggregated)
 
 
+def diagnostics_key(key: jax.Array, round_idx: jax.Array) -> jax.Array:
+  """The diagnostics' key of round ``round_idx`` (fused or separate, the same)."""
+  return jax.random.fold_in(jax.random.fold_in(key, round_idx), 0xD1A6)
+
+
+def make_diagnostics_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
+                        client_opt: optax.GradientTransformation, costs: np.ndarray,
+                        settings: RoundSettings, *,
+                        client_sharding: jax.sharding.Sharding | None = None,
+                        backward: np.ndarray | None = None) -> Callable:
+  """The round's diagnostics as a function of their own (unjitted).
+
+  ``diagnose_fn(params, round_data, masks, aggregated, key, round_idx) -> dict``
+  gives what :func:`diagnostics_step` adds to a fused round's metrics, at
+  theta^t = ``params`` (the state's params *before* the round), for the
+  round's ``masks`` and ``aggregated`` (its metrics' ``masks`` and
+  ``client_aggregated``), with the round's ``key`` and ``round_idx`` (the
+  state's ``round`` before it). Compiled apart from a round built with
+  ``diagnostics=False``, the two programs give a fused round's metrics, and
+  only diagnosed rounds run (or load) the second one. Not for settings whose
+  score pass the diagnostics share (``shares_score_pass``): that pass
+  belongs to the round.
+  """
+  if settings.shares_score_pass:
+    raise ValueError("the diagnostics share the score pass: compile them with the round")
+  parts = make_round_parts(loss_fn, index, num_candidates, client_opt, costs, settings,
+                           client_sharding, backward)
+
+  def diagnose_fn(params: PyTree, rd: dict, masks: jax.Array, aggregated: jax.Array,
+                  key: jax.Array, round_idx: jax.Array) -> dict:
+    weights = jnp.where(rd["valid"], rd["num_examples"], 0).astype(jnp.float32)
+    return diagnostics_step(parts, params, rd, masks, weights, diagnostics_key(key, round_idx),
+                            None, aggregated)
+
+  return diagnose_fn
+
+
 def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
                   client_opt: optax.GradientTransformation,
                   server_opt: optax.GradientTransformation, costs: np.ndarray,
@@ -284,7 +324,7 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     seen = jnp.take(state.seen, ids, mode="fill", fill_value=False)
     need = (rd["reselect"] | ~seen) & valid
 
-    diag_key = jax.random.fold_in(jax.random.fold_in(key, state.round), 0xD1A6)
+    diag_key = diagnostics_key(key, state.round)
     shared = shared_grads_step(parts, state.params, rd, need, diag_key, score_key)
     if shared is None:
       scores = scores_step(parts, state.params, rd, need, score_key)
@@ -310,7 +350,8 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     p_good = jnp.where(good, p, 0.)
     metrics.update(train_loss=jnp.where(jnp.any(good), jnp.sum(jnp.where(good, p * losses, 0.))
                                         / jnp.maximum(jnp.sum(p_good), 1e-30), jnp.nan),
-                   client_loss=losses, masks=masks, coverage=agg.coverage,
+                   client_loss=losses, client_aggregated=good, masks=masks,
+                   coverage=agg.coverage,
                    clients_nonfinite=jnp.sum(valid & ~finite), round_skipped=~applied)
     new_state = ServerState(
         params=new_params, opt_state=opt_state, round=state.round + 1,

@@ -28,6 +28,7 @@ from fedsel_jax import masks as masks_lib
 from fedsel_jax import memory_costs
 from fedsel_jax import models
 from fedsel_jax import multihost
+from fedsel_jax import round_programs
 from fedsel_jax import run_record
 from fedsel_jax import selection
 from fedsel_jax import validate
@@ -159,26 +160,38 @@ class Setup:
     if auto:
       self._choose_chunk(fl.client_chunk)
     self.population = device_data.population_data(config, self.clients, self.chunk)
-    self.round_fn = self._make_round_fn(self.settings)
+    # The round, and the E1/E2 diagnostics as their own program unless they
+    # share its score pass (round_programs.py; diagnose_fn None then).
+    self.round_fn, self.diagnose_fn = self._make_programs(self.settings)
     self.uses_store, self.device_data_note = device_data.wanted(
         fl.device_data, self.clients, fl.device_data_max_mb, fl.get("shard_clients", False))
     self.store = None   # placed by the first train_round (sweeps and the bench never do)
-    self.device_round_fn = None if not self.uses_store else jax.jit(device_data.with_gather(
-        self._round_body(self.settings, None), self.clients.mask.shape[1]), donate_argnums=0)
+    self.device_round_fn = self.device_diagnose_fn = None
+    if self.uses_store:
+      self.device_round_fn, self.device_diagnose_fn = round_programs.on_store(
+          *self._bodies(self.settings, None), self.clients.mask.shape[1])
+    self._nan_shapes: dict = {}   # the diagnostics' shapes, for rounds not diagnosed
     self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
-  def _round_body(self, settings: federated.RoundSettings, sharding):
+  def _bodies(self, settings: federated.RoundSettings, sharding):
+    return round_programs.bodies(
+        client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
+        self.server_opt, self.costs, settings, sharding, self.backward)
+
+  def fused_round_body(self, settings: federated.RoundSettings | None = None):
+    """The unjitted round with the diagnostics compiled in: one program, the
+    reference the run's two programs are tested against."""
     return federated.make_round_fn(
         client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
-        self.server_opt, self.costs, settings, client_sharding=sharding, backward=self.backward)
+        self.server_opt, self.costs, settings or self.settings, backward=self.backward)
 
-  def _make_round_fn(self, settings: federated.RoundSettings):
-    """The jitted round on host round data (``round_data``)."""
-    sharding = client_sharding(self.config, settings.client_chunk)
+  def _make_programs(self, settings: federated.RoundSettings):
+    """The jitted round and diagnostics (or None) on host round data (``round_data``)."""
+    sharding = round_programs.client_sharding(self.config, settings.client_chunk)
     # Several processes: every output replicated, so each process reads the metrics.
     out = (None if sharding is None or jax.process_count() == 1 else
            jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-    return jax.jit(self._round_body(settings, sharding), donate_argnums=0, out_shardings=out)
+    return round_programs.jit_programs(*self._bodies(settings, sharding), out)
 
   def data_report(self) -> dict[str, Any]:
     """final.json's ``client_data``: whether rounds read the device store, and padding."""
@@ -190,13 +203,16 @@ class Setup:
   def train_round(self, state, round_idx: int, key):
     """(state, metrics, round data) of one round of a run: on the device store
     when there is one (only slot ids cross to the device), else host data."""
+    diagnose = bool(round_idx % self.config.diagnostics.every == 0)
     if not self.uses_store:
       rd = self.round_data(round_idx)
-      return (*self.round_fn(state, rd, key), rd)
+      return (*round_programs.run(self.round_fn, self.diagnose_fn, state, rd, key, diagnose,
+                                  nan_shapes=self._nan_shapes), rd)
     if self.store is None:
       self.store = device_data.place(self.clients)
     rd = self.round_data(round_idx, clients=False)
-    return (*self.device_round_fn(state, rd, self.store, key), rd)
+    return (*round_programs.run(self.device_round_fn, self.device_diagnose_fn, state, rd, key,
+                                diagnose, (self.store,), self._nan_shapes), rd)
 
   def _choose_chunk(self, value: str) -> None:
     """Resolves ``fl.client_chunk='auto...'`` by compiling candidate rounds
@@ -211,7 +227,7 @@ class Setup:
       population = device_data.population_data(self.config, self.clients, chunk)
       if population is not None:
         rd["population"] = population
-      return auto_chunk.compiled_mb(self._make_round_fn(settings).lower(state, rd, key).compile())
+      return round_programs.compiled_mb(*self._make_programs(settings), state, rd, key)
 
     shapes = jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), (state, rd0))
     cache_key = (self.settings, str(jax.tree_util.tree_structure(shapes)),
@@ -262,24 +278,6 @@ def _unroll(config) -> bool:
   if not isinstance(value, bool):
     raise ConfigError(f"fl.unroll must be one of [True, False], got {value!r}")
   return value
-
-
-def client_sharding(config, chunk: int) -> jax.sharding.Sharding | None:
-  """Shards each chunk's clients over all devices when ``fl.shard_clients``.
-
-  Uses every device JAX sees: one host's GPUs/TPU cores, or all hosts' after
-  ``jax.distributed.initialize()``. ``fl.client_chunk`` must be a multiple
-  of the device count.
-  """
-  if not config.fl.get("shard_clients", False):
-    return None
-  n = jax.device_count()
-  chunk = chunk or config.fl.clients_per_round
-  if chunk % n:
-    raise ConfigError(f"fl.client_chunk={chunk} must be a multiple of the {n} devices "
-                      "when fl.shard_clients=True")
-  mesh = jax.make_mesh((n,), ("clients",), axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
 
 
 def claim_workdir(config: ml_collections.ConfigDict, workdir: str,

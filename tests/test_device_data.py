@@ -85,7 +85,7 @@ def test_a_run_on_the_device_store_equals_the_host_run_bit_for_bit(data_dir, tmp
 
 
 def _store_round(setup, per_chunk):
-  body = setup._round_body(setup.settings, None)
+  body = setup.fused_round_body()
   return jax.jit(device_data.with_gather(body, setup.clients.mask.shape[1], per_chunk=per_chunk))
 
 

@@ -92,13 +92,26 @@ def compile_table(name: str, rep: dict) -> list[str]:
 
 def rerun_table(name: str, rep: dict) -> list[str]:
   sets = " ".join(rep["set"]) or "its defaults"
+  rows = rep["rows"]
+  how = ""
+  if rows and "programs" in rows[0]:
+    how = (f" {'the fused round (diagnostics compiled in)' if rep.get('fused') else 'the programs a run calls for round 0'}"
+           f" on {'the device store' if rows[0]['program'] == 'store' else 'host data'};")
   out = [f"### `{name}` (experiments/bench/cache_rerun.py)", "",
-         f"`{rep['config']}` with {sets}; two fresh processes on one new cache directory; load "
+         f"`{rep['config']}` with {sets};{how} two fresh processes on one new cache directory; "
+         f"{rep.get('date', 'undated')}, commit {rep.get('commit', '?')}; load "
          f"average {_load(rep['load'])} before, {_load(rep['load_after'])} after.", "",
          "| process | trace + lower s | compile (or cache load) s | first call s | cache hit |",
          "|---|---|---|---|---|"]
-  out += [f"| {r['variant']} | {r['trace_lower_s']:.1f} | {r['compile_s']:.1f} | "
-          f"{r['first_call_s']:.1f} | {'yes' if r['cache_hit'] else 'no'} |" for r in rep["rows"]]
+  for r in rows:
+    parts = r.get("programs", [])
+    if len(parts) > 1:
+      out += [f"| {r['variant']}: {p['name']} | {p['trace_lower_s']:.1f} | {p['compile_s']:.1f} "
+              f"| {p['trace_lower_s'] + p['compile_s']:.1f} | {'yes' if p['cache_hit'] else 'no'} |"
+              for p in parts]
+    label = f"{r['variant']}{': both' if len(parts) > 1 else ''}"
+    out.append(f"| {label} | {r['trace_lower_s']:.1f} | {r['compile_s']:.1f} | "
+               f"{r['first_call_s']:.1f} | {'yes' if r['cache_hit'] else 'no'} |")
   return out + [""]
 
 

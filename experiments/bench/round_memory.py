@@ -52,7 +52,7 @@ def measure(config, repeats: int) -> dict:
   store = device_data.place(setup.clients)
   key = jax.random.key(0)
   host_rd, ids_rd = setup.round_data(0), setup.round_data(0, clients=False)
-  body = setup._round_body(setup.settings, None)
+  body = setup._bodies(setup.settings, None)[0]   # the run's round
   ways = {
       "host": (setup.round_fn, (host_rd, key)),
       "store, whole round": (jax.jit(device_data.with_gather(body, n_max, per_chunk=False),

@@ -4,7 +4,7 @@ diagnostics, the whole round (trace + lower, then compile; dot and scatter count
     PYTHONPATH=. python experiments/bench/probes/compile_parts.py > experiments/bench/probes/compile_parts.log
 """
 import time, jax, dataclasses, re
-from fedsel_jax import train
+from fedsel_jax import client, federated, train
 from fedsel_jax.cli import load_config
 c = load_config("configs/default.py")
 setup = train.Setup(c)
@@ -14,7 +14,10 @@ for name, kw in [("no diagnostics", dict(diagnostics=False)),
                  ("top, no diagnostics", dict(diagnostics=False, strategy="top")),
                  ("proposed, diagnostics", dict())]:
   s = dataclasses.replace(setup.settings, **kw)
-  fn = setup._make_round_fn(s)
+  # The fused round (diagnostics compiled in), as this log measured it.
+  fn = jax.jit(federated.make_round_fn(client.make_loss_fn(setup.spec.module.apply), setup.index,
+                                       setup.k, setup.client_opt, setup.server_opt, setup.costs,
+                                       s, backward=setup.backward), donate_argnums=0)
   jax.clear_caches()
   t0 = time.perf_counter(); lo = fn.trace(setup.initial_state(), rd, key).lower(); t1 = time.perf_counter()
   txt = lo.as_text()
