@@ -6,7 +6,9 @@
 Unlike ``fedsel_jax.bench`` (training, aggregation and the server step on
 given masks), this times ``Setup.round_fn`` on round 0's host data with
 re-selection and diagnostics on: the score pass, the solver, training and the
-diagnostics' gradient and Hessian passes. Each side is a fresh process (today's
+diagnostics' gradient and Hessian passes (where the diagnostics are their
+own program, ``round_programs.py``, both programs: compile time and seconds
+are the two's). Each side is a fresh process (today's
 tree, and a ``git worktree`` of ``--rev``), run alternately ``--pairs`` times;
 each reports its compile time and the median of ``--repeats`` rounds after
 the first call. Outputs of the two sides are compared (the round's scores,
@@ -33,14 +35,28 @@ cli.apply_overrides(config, sys.argv[3:])
 setup = train.Setup(config)
 rd, key = setup.round_data(0), jax.random.key(0)
 rd = dict(rd, reselect=np.bool_(True), diagnose=np.bool_(True))
+# Since 5c324b7 a run's diagnostics may be a program of their own
+# (round_programs.py): then the whole round is the two, the second on the
+# params the round started from.
+split = getattr(setup, "diagnose_fn", None) is not None
 t0 = time.perf_counter()
 compiled = setup.round_fn.lower(setup.initial_state(), rd, key).compile()
+if split:
+  s0 = setup.initial_state()
+  out = jax.eval_shape(setup.round_fn, s0, rd, key)[1]
+  diagnose = setup.diagnose_fn.lower(s0.params, rd, out["masks"], out["client_aggregated"],
+                                     key, s0.round).compile()
 compile_s = time.perf_counter() - t0
 times = []
 for i in range(int(sys.argv[2]) + 1):
   state = setup.initial_state()
   t0 = time.perf_counter()
+  if split:
+    params0, round0 = jax.tree_util.tree_map(jax.numpy.copy, (state.params, state.round))
   _, metrics = compiled(state, rd, key)
+  if split:
+    metrics = dict(metrics, **diagnose(params0, rd, metrics["masks"],
+                                       metrics["client_aggregated"], key, round0))
   jax.block_until_ready(metrics)
   times.append(time.perf_counter() - t0)
 keep = {k: np.asarray(metrics[k]).tolist() for k in ("scores", "masks", "e1", "e2", "lipschitz")
