@@ -5,7 +5,7 @@
 before anything else (without the three flags JAX detects them on TPU pods,
 SLURM and the other clusters it knows). With ``fl.shard_clients=True`` every
 chunk's client axis is then sharded over the devices of all processes (one
-global mesh, ``train.client_sharding``) and XLA turns the per-layer aggregation
+global mesh, ``round_programs.client_sharding``) and XLA turns the per-layer aggregation
 sums into cross-process all-reduces.
 
 Every process runs the same program on the same inputs: the round data is a

@@ -10,7 +10,10 @@ and they stay in the round), they are a program of their own
 the round started from; rounds that are not diagnosed neither run nor load
 it and get the NaN rows a fused round gives them. The two programs' metrics
 equal the fused round's (``tests/test_round_programs.py``), and the training
-never depends on whether the diagnostics are on.
+never depends on whether the diagnostics are on. A diagnosed round keeps a
+copy of the params beside the round (the round donates its state), which
+``fl.client_chunk='auto'`` counts (:func:`compiled_mb`). Vmapped sweep groups
+(vmap_runs.py) keep the fused round.
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ def run(round_fn: Callable, diagnose_fn: Callable | None, state, rd: dict, key: 
   Without a separate diagnostics program this is ``round_fn`` alone. On a
   round that is not diagnosed the diagnostics' metrics are NaN, as in a
   fused round; ``nan_shapes`` (a dict the caller keeps) holds their shapes
-  once traced.
+  once traced. On host round data both programs copy ``rd`` to the device
+  (the fused round copied it once); putting it there first would give the
+  round a second signature, and so a second compile, on diagnosed rounds.
   """
   if diagnose_fn is None:
     return round_fn(state, rd, *extra, key)

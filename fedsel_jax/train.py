@@ -178,12 +178,13 @@ class Setup:
         client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
         self.server_opt, self.costs, settings, sharding, self.backward)
 
-  def fused_round_body(self, settings: federated.RoundSettings | None = None):
+  def fused_round_body(self, settings: federated.RoundSettings | None = None, sharding=None):
     """The unjitted round with the diagnostics compiled in: one program, the
     reference the run's two programs are tested against."""
     return federated.make_round_fn(
         client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
-        self.server_opt, self.costs, settings or self.settings, backward=self.backward)
+        self.server_opt, self.costs, settings or self.settings, client_sharding=sharding,
+        backward=self.backward)
 
   def _make_programs(self, settings: federated.RoundSettings):
     """The jitted round and diagnostics (or None) on host round data (``round_data``)."""

@@ -52,7 +52,8 @@ def _assert_same(fused, split):
     {"fl.device_data": "off", "diagnostics.power_iters": 2},
     {"fl.device_data": "on", "fl.backprop_cut": True, "selection.strategy": "random"},
     {"fl.device_data": "off", "diagnostics.population": True, "fl.client_chunk": 1},
-], ids=["host-hvp", "store-cut", "population"])
+    {"fl.device_data": "off", "client_optim.lr": 1e30},   # no update aggregated
+], ids=["host-hvp", "store-cut", "population", "diverging"])
 def test_the_round_then_its_diagnostics_equal_the_fused_round(data_dir, overrides):
   """Two programs, same metrics (E1/E2 on diagnosed rounds, NaN on the
   others) and the same model as one program with the diagnostics inside."""
@@ -64,7 +65,17 @@ def test_the_round_then_its_diagnostics_equal_the_fused_round(data_dir, override
   split = _split_rounds(setup, 3, key)
   _assert_same(fused, split)
   e1 = [float(np.asarray(m["e1"])) for m in split[1]]
-  assert np.isfinite(e1[0]) and np.isnan(e1[1]) and np.isfinite(e1[2])   # every = 2
+  assert np.isnan(e1[1])   # every = 2: round 1 not diagnosed
+  if overrides.get("client_optim.lr", 0) < 1:
+    assert np.isfinite(e1[0]) and np.isfinite(e1[2])
+  else:
+    assert all(m["round_skipped"] for m in split[1])
+  # The round itself carries no diagnostics: they are the other program.
+  rd = setup.round_data(0, clients=False) if store is not None else setup.round_data(0)
+  fn = setup.device_round_fn if store is not None else setup.round_fn
+  out = jax.eval_shape(fn, setup.initial_state(), rd, *([store] if store is not None else []),
+                       key)[1]
+  assert "e1" not in out and "e2_layers" not in out and "client_aggregated" in out
 
 
 def test_rounds_not_diagnosed_never_compile_the_diagnostics_and_new_data_never_recompiles(
@@ -114,3 +125,18 @@ def test_auto_chunk_sizes_the_larger_of_the_two_programs(data_dir):
   params_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params)) / 2**20
   assert both >= alone + params_mb
   assert round_programs.compiled_mb(setup.round_fn, None, state, rd, key) == alone
+
+
+def test_check_only_traces_the_diagnostics_program(data_dir, monkeypatch):
+  from fedsel_jax import diagnostics
+  from fedsel_jax import main as main_lib
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("the diagnostics were traced")
+
+  monkeypatch.setattr(diagnostics, "diagnose_round", broken)
+  for device_data_mode in ("off", "on"):
+    config = smoke_config(data_dir, **SEPARATE, **{"fl.device_data": device_data_mode})
+    with pytest.raises(RuntimeError, match="diagnostics were traced"):
+      main_lib.check_only(config)
+  main_lib.check_only(smoke_config(data_dir, **SEPARATE, **{"diagnostics.enabled": False}))

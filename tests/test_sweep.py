@@ -144,9 +144,12 @@ def test_padding_the_example_axis_changes_no_result(data_dir):
   setup = train.Setup(c)
   rd = setup.round_data(0)
   key = jax.random.key(0)
-  _, plain = setup.round_fn(setup.initial_state(), rd, key)
-  _, padded = setup.round_fn(setup.initial_state(),
-                             vmap_runs.pad_examples(rd, rd["mask"].shape[1] + 37), key)
+  # The fused round (diagnostics inside), what a vmapped sweep member runs.
+  fused = jax.jit(setup.fused_round_body())
+  _, plain = fused(setup.initial_state(), rd, key)
+  _, padded = fused(setup.initial_state(), vmap_runs.pad_examples(rd, rd["mask"].shape[1] + 37),
+                    key)
+  assert "e1" in plain
   for k in plain:
     np.testing.assert_allclose(np.asarray(plain[k]), np.asarray(padded[k]), rtol=1e-6,
                                atol=1e-9, err_msg=k)

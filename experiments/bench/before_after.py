@@ -30,6 +30,7 @@ import numpy as np
 
 from fedsel_jax import bench
 from fedsel_jax import client as client_lib
+from fedsel_jax import round_programs
 from fedsel_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -87,10 +88,13 @@ def main(_):
   old = load_old(_REV.value)
   setup = train.Setup(config)
   loss_fn = client_lib.make_loss_fn(setup.spec.module.apply)
+  # Today's round is built without diagnostics when they are their own
+  # program (round_programs.py): build the old one the same way.
+  today = round_programs.round_settings(setup.settings)
   old_round = jax.jit(old.make_round_fn(loss_fn, setup.index, setup.k, setup.client_opt,
                                         setup.server_opt, setup.costs,
                                         old.RoundSettings(**{
-                                            f.name: getattr(setup.settings, f.name)
+                                            f.name: getattr(today, f.name)
                                             for f in dataclasses.fields(old.RoundSettings)})),
                       donate_argnums=0)
   rd = setup.round_data(0)

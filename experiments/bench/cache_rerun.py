@@ -50,7 +50,9 @@ else:
   fns = [setup.round_fn, setup.diagnose_fn]
   wrap = lambda body: body
 if fused:
-  fns = [jax.jit(wrap(setup.fused_round_body()), donate_argnums=0), None]
+  from fedsel_jax import round_programs
+  sharding = round_programs.client_sharding(config, setup.chunk)
+  fns = [jax.jit(wrap(setup.fused_round_body(sharding=sharding)), donate_argnums=0), None]
 def diagnostics_args():   # after the round is timed: eval_shape reuses its trace
   out = jax.eval_shape(fns[0], state, rd, *extra, key)[1]
   return (state.params, rd, *extra, out["masks"], out["client_aggregated"], key, state.round)
