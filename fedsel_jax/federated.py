@@ -6,7 +6,8 @@ named top-level steps, each vectorising clients through
 clients, vmapped inside):
 
 1. :func:`scores_step`: the sampled clients' per-layer scores at theta^t
-   (score-based strategies, on re-selection rounds only);
+   (score-based strategies, on re-selection rounds only; :func:`score_pass_step`
+   runs it or the pass shared with the diagnostics);
 2. :func:`selection_step`: masks ``bool[M, K]`` from a baseline or the P1
    solver;
 3. :func:`train_step`: local training, each chunk's deltas added straight
@@ -15,8 +16,8 @@ clients, vmapped inside):
    groups); with ``backprop_cut`` clients are grouped by mask and each chunk
    runs the cheapest variant covering its masks, whose backward pass stops
    below the chunk's lowest layer;
-4. ``aggregate.finalize`` + ``aggregate.server_step``: per-layer masked
-   aggregation and the server optimizer;
+4. :func:`server_update_step`: per-layer masked aggregation
+   (``aggregate.finalize``) and the server optimizer;
 5. :func:`diagnostics_step`: the convergence bound's terms at theta^t
    (optional; diagnostics.py). With ``shares_score_pass`` one gradient pass
    (:func:`shared_grads_step`) serves the scores and the diagnostics.
@@ -95,6 +96,11 @@ def init_server_state(params: PyTree, server_opt: optax.GradientTransformation,
 
 def _client_data(rd: dict) -> dict:
   return {f: rd[f] for f in ("x", "y", "mask", "num_examples")}
+
+
+def client_weights(rd: dict) -> jax.Array:
+  """f32[Mp]: each slot's n_i (0 for padding slots), the aggregation's weights."""
+  return jnp.where(rd["valid"], rd["num_examples"], 0).astype(jnp.float32)
 
 
 def scores_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
@@ -228,6 +234,19 @@ def shared_grads_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Arr
   return losses, grads, jnp.where(jnp.any(need), scores, 0.)
 
 
+def score_pass_step(parts: RoundParts, params: PyTree, rd: dict, need: jax.Array,
+                    diag_key: jax.Array, score_key: jax.Array
+                    ) -> tuple[jax.Array | None, tuple | None]:
+  """``(scores, shared)``: the round's scores (:func:`scores_step`, or the pass
+  shared with the diagnostics, :func:`shared_grads_step`) and that shared
+  pass's ``(losses, grads)`` for :func:`diagnostics_step` (None if not shared)."""
+  shared = shared_grads_step(parts, params, rd, need, diag_key, score_key)
+  if shared is None:
+    return scores_step(parts, params, rd, need, score_key), None
+  losses, grads, scores = shared
+  return scores, (losses, grads)
+
+
 def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Array,
                      weights: jax.Array, diag_key: jax.Array,
                      shared: tuple | None, aggregated: jax.Array) -> dict:
@@ -240,6 +259,46 @@ def diagnostics_step(parts: RoundParts, params: PyTree, rd: dict, masks: jax.Arr
                                     parts.chunk_size(masks.shape[0]),
                                     population=parts.settings.diag_population, grads=shared,
                                     aggregated=aggregated)
+
+
+def server_update_step(state: ServerState, agg: aggregate.AggState, finite: jax.Array,
+                       valid: jax.Array, index: PyTree,
+                       server_opt: optax.GradientTransformation
+                       ) -> tuple[PyTree, Any, jax.Array, jax.Array]:
+  """``(params, opt_state, applied, update_sq)`` after per-layer aggregation
+  and the server step (``update_sq``: the squared norm of the model's change).
+
+  A round with no finite client update (``finite & valid`` nowhere), or whose
+  step would make the model non-finite, changes neither the model nor the
+  server optimizer (``applied`` False).
+  """
+  mean_delta, covered = aggregate.finalize(agg, index)
+  new_params, opt_state = aggregate.server_step(state.params, state.opt_state, mean_delta,
+                                                covered, server_opt)
+  (new_params, opt_state), applied = aggregate.keep_if_finite(
+      (new_params, opt_state), (state.params, state.opt_state), jnp.any(finite & valid))
+  update_sq = diagnostics.tree_sq_norm(
+      jax.tree_util.tree_map(jnp.subtract, new_params, state.params))
+  return new_params, opt_state, applied, update_sq
+
+
+def next_state(state: ServerState, ids: jax.Array, masks: jax.Array, params: PyTree,
+               opt_state: Any) -> ServerState:
+  """The state after the round: new model, and the sampled clients' masks kept."""
+  return ServerState(params=params, opt_state=opt_state, round=state.round + 1,
+                     client_masks=state.client_masks.at[ids].set(masks, mode="drop"),
+                     seen=state.seen.at[ids].set(True, mode="drop"))
+
+
+def training_metrics(losses: jax.Array, p: jax.Array, good: jax.Array, valid: jax.Array,
+                     finite: jax.Array) -> dict:
+  """The round's loss metrics: ``train_loss`` (the p-weighted mean over the
+  aggregated clients, NaN if none), per-slot losses and which slots were aggregated."""
+  p_good = jnp.where(good, p, 0.)
+  train_loss = jnp.where(jnp.any(good), jnp.sum(jnp.where(good, p * losses, 0.))
+                         / jnp.maximum(jnp.sum(p_good), 1e-30), jnp.nan)
+  return dict(train_loss=train_loss, client_loss=losses, client_aggregated=good,
+              clients_nonfinite=jnp.sum(valid & ~finite))
 
 
 def diagnostics_key(key: jax.Array, round_idx: jax.Array) -> jax.Array:
@@ -272,9 +331,8 @@ def make_diagnostics_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
 
   def diagnose_fn(params: PyTree, rd: dict, masks: jax.Array, aggregated: jax.Array,
                   key: jax.Array, round_idx: jax.Array) -> dict:
-    weights = jnp.where(rd["valid"], rd["num_examples"], 0).astype(jnp.float32)
-    return diagnostics_step(parts, params, rd, masks, weights, diagnostics_key(key, round_idx),
-                            None, aggregated)
+    return diagnostics_step(parts, params, rd, masks, client_weights(rd),
+                            diagnostics_key(key, round_idx), None, aggregated)
 
   return diagnose_fn
 
@@ -319,44 +377,23 @@ def make_round_fn(loss_fn: Callable, index: PyTree, num_candidates: int,
     parts.chunk_size(ids.shape[0])
     sel_key, train_key, score_key = jax.random.split(jax.random.fold_in(key, state.round), 3)
     client_keys = jax.vmap(lambda i: jax.random.fold_in(train_key, i))(ids)
-    weights = jnp.where(valid, rd["num_examples"], 0).astype(jnp.float32)
+    weights = client_weights(rd)
     p = weights / jnp.maximum(jnp.sum(weights), 1.)
     seen = jnp.take(state.seen, ids, mode="fill", fill_value=False)
     need = (rd["reselect"] | ~seen) & valid
 
     diag_key = diagnostics_key(key, state.round)
-    shared = shared_grads_step(parts, state.params, rd, need, diag_key, score_key)
-    if shared is None:
-      scores = scores_step(parts, state.params, rd, need, score_key)
-    else:
-      losses0, grads0, scores = shared
-      shared = (losses0, grads0)
+    scores, shared = score_pass_step(parts, state.params, rd, need, diag_key, score_key)
     masks, metrics = selection_step(parts, state, rd, scores, need, sel_key)
     agg, losses, finite = train_step(parts, state.params, rd, masks, client_keys, weights)
-    mean_delta, covered = aggregate.finalize(agg, index)
-    new_params, opt_state = aggregate.server_step(state.params, state.opt_state, mean_delta,
-                                                  covered, server_opt)
-    # A round with no finite client update, or whose step would make the
-    # model non-finite, changes neither the model nor the server optimizer.
-    (new_params, opt_state), applied = aggregate.keep_if_finite(
-        (new_params, opt_state), (state.params, state.opt_state), jnp.any(finite & valid))
-    metrics["update_sq"] = diagnostics.tree_sq_norm(
-        jax.tree_util.tree_map(jnp.subtract, new_params, state.params))
+    new_params, opt_state, applied, metrics["update_sq"] = server_update_step(
+        state, agg, finite, valid, index, server_opt)
     if settings.diagnostics:
       metrics.update(diagnostics_step(parts, state.params, rd, masks, weights, diag_key, shared,
                                       finite & valid))
-
     good = finite & valid
-    p_good = jnp.where(good, p, 0.)
-    metrics.update(train_loss=jnp.where(jnp.any(good), jnp.sum(jnp.where(good, p * losses, 0.))
-                                        / jnp.maximum(jnp.sum(p_good), 1e-30), jnp.nan),
-                   client_loss=losses, client_aggregated=good, masks=masks,
-                   coverage=agg.coverage,
-                   clients_nonfinite=jnp.sum(valid & ~finite), round_skipped=~applied)
-    new_state = ServerState(
-        params=new_params, opt_state=opt_state, round=state.round + 1,
-        client_masks=state.client_masks.at[ids].set(masks, mode="drop"),
-        seen=state.seen.at[ids].set(True, mode="drop"))
-    return new_state, metrics
+    metrics.update(training_metrics(losses, p, good, valid, finite), masks=masks,
+                   coverage=agg.coverage, round_skipped=~applied)
+    return next_state(state, ids, masks, new_params, opt_state), metrics
 
   return round_fn

@@ -136,17 +136,15 @@ def check_only(config) -> None:
   for c in strategy_configs(config):
     setup = make_setup(c)
     key = jax.random.key(c.seed)
-    state = setup.initial_state()
+    from fedsel_jax import round_programs
     if setup.uses_store:   # the programs training runs: the in-graph gather from the store
       from fedsel_jax import device_data
-      fns = (setup.device_round_fn, setup.device_diagnose_fn)
-      rd, extra = setup.round_data(0, clients=False), (device_data.flat_store(setup.clients),)
-    else:
-      fns, rd, extra = (setup.round_fn, setup.diagnose_fn), setup.round_data(0), ()
-    metrics = jax.eval_shape(fns[0], state, rd, *extra, key)[1]
-    if fns[1] is not None:   # the diagnostics' own program (round_programs.py)
-      jax.eval_shape(fns[1], state.params, rd, *extra, metrics["masks"],
-                     metrics["client_aggregated"], key, state.round)
+      round_programs.trace(setup.device_round_fn, setup.device_diagnose_fn, setup.initial_state(),
+                           setup.round_data(0, clients=False), key,
+                           (device_data.flat_store(setup.clients),))
+    else:   # and the diagnostics' own program, where there is one
+      round_programs.trace(setup.round_fn, setup.diagnose_fn, setup.initial_state(),
+                           setup.round_data(0), key)
   print("ok: the config is valid and a round traces", flush=True)
 
 

@@ -95,15 +95,29 @@ def compiled_mb(round_fn: Callable, diagnose_fn: Callable | None, state, rd: dic
   mb = auto_chunk.compiled_mb(round_fn.lower(state, rd, key).compile())
   if diagnose_fn is None:
     return mb
-  masks, aggregated = _diagnose_inputs(jax.eval_shape(round_fn, state, rd, key)[1])
-  diag = diagnose_fn.lower(state.params, rd, masks, aggregated, key, state.round).compile()
+  metrics = jax.eval_shape(round_fn, state, rd, key)[1]
+  diag = diagnose_fn.lower(*diagnose_args(state.params, state.round, rd, (), metrics,
+                                          key)).compile()
   size = lambda tree: sum(x.size * x.dtype.itemsize  # noqa: E731
                           for x in jax.tree_util.tree_leaves(tree)) / 2**20
   return max(mb + size(state.params), auto_chunk.compiled_mb(diag) + size(state))
 
 
-def _diagnose_inputs(metrics: dict) -> tuple[Any, Any]:
-  return metrics["masks"], metrics["client_aggregated"]
+def diagnose_args(params, round_idx, rd: dict, extra: tuple, metrics: dict,
+                  key: jax.Array) -> tuple:
+  """The diagnostics program's arguments: theta^t and t (the state before the
+  round), the round data (and ``extra``, the device store) and the round's
+  masks and aggregated clients from its ``metrics`` (arrays or shapes)."""
+  return (params, rd, *extra, metrics["masks"], metrics["client_aggregated"], key, round_idx)
+
+
+def trace(round_fn: Callable, diagnose_fn: Callable | None, state, rd: dict, key: jax.Array,
+          extra: tuple = ()) -> None:
+  """Traces a run's programs on round ``rd`` without compiling them (``--check_only``)."""
+  metrics = jax.eval_shape(round_fn, state, rd, *extra, key)[1]
+  if diagnose_fn is not None:
+    jax.eval_shape(diagnose_fn, *diagnose_args(state.params, state.round, rd, extra, metrics,
+                                               key))
 
 
 def run(round_fn: Callable, diagnose_fn: Callable | None, state, rd: dict, key: jax.Array,
@@ -126,15 +140,13 @@ def run(round_fn: Callable, diagnose_fn: Callable | None, state, rd: dict, key: 
     before = jax.tree_util.tree_map(jnp.copy, (state.params, state.round))
   new_state, metrics = round_fn(state, rd, *extra, key)
   metrics = dict(metrics)
-  inputs = _diagnose_inputs(metrics)
   if diagnose:
-    params, round_idx = before
-    metrics.update(diagnose_fn(params, rd, *extra, *inputs, key, round_idx))
+    metrics.update(diagnose_fn(*diagnose_args(*before, rd, extra, metrics, key)))
     return new_state, metrics
   nan_shapes = {} if nan_shapes is None else nan_shapes
   if "shapes" not in nan_shapes:   # traced once, never compiled
-    nan_shapes["shapes"] = jax.eval_shape(diagnose_fn, new_state.params, rd, *extra, *inputs,
-                                          key, new_state.round)
+    nan_shapes["shapes"] = jax.eval_shape(diagnose_fn, *diagnose_args(
+        new_state.params, new_state.round, rd, extra, metrics, key))
   metrics.update(jax.tree_util.tree_map(lambda s: np.full(s.shape, np.nan, s.dtype),
                                         nan_shapes["shapes"]))
   return new_state, metrics

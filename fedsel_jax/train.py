@@ -173,18 +173,19 @@ class Setup:
     self._nan_shapes: dict = {}   # the diagnostics' shapes, for rounds not diagnosed
     self.evaluate = make_eval_fn(self.spec.apply_for_eval, config.eval_batch_size)
 
+  def _round_args(self) -> tuple:
+    """``federated.make_round_fn``'s leading arguments for this run."""
+    return (client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k,
+            self.client_opt, self.server_opt, self.costs)
+
   def _bodies(self, settings: federated.RoundSettings, sharding):
-    return round_programs.bodies(
-        client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
-        self.server_opt, self.costs, settings, sharding, self.backward)
+    return round_programs.bodies(*self._round_args(), settings, sharding, self.backward)
 
   def fused_round_body(self, settings: federated.RoundSettings | None = None, sharding=None):
     """The unjitted round with the diagnostics compiled in: one program, the
     reference the run's two programs are tested against."""
-    return federated.make_round_fn(
-        client_lib.make_loss_fn(self.spec.module.apply), self.index, self.k, self.client_opt,
-        self.server_opt, self.costs, settings or self.settings, client_sharding=sharding,
-        backward=self.backward)
+    return federated.make_round_fn(*self._round_args(), settings or self.settings,
+                                   client_sharding=sharding, backward=self.backward)
 
   def _make_programs(self, settings: federated.RoundSettings):
     """The jitted round and diagnostics (or None) on host round data (``round_data``)."""

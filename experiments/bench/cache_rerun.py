@@ -54,8 +54,9 @@ if fused:
   sharding = round_programs.client_sharding(config, setup.chunk)
   fns = [jax.jit(wrap(setup.fused_round_body(sharding=sharding)), donate_argnums=0), None]
 def diagnostics_args():   # after the round is timed: eval_shape reuses its trace
+  from fedsel_jax import round_programs
   out = jax.eval_shape(fns[0], state, rd, *extra, key)[1]
-  return (state.params, rd, *extra, out["masks"], out["client_aggregated"], key, state.round)
+  return round_programs.diagnose_args(state.params, state.round, rd, extra, out, key)
 calls = [("round", fns[0], lambda: (state, rd, *extra, key))]
 if fns[1] is not None:
   calls.append(("diagnostics", fns[1], diagnostics_args))

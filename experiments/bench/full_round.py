@@ -42,10 +42,11 @@ split = getattr(setup, "diagnose_fn", None) is not None
 t0 = time.perf_counter()
 compiled = setup.round_fn.lower(setup.initial_state(), rd, key).compile()
 if split:
+  from fedsel_jax import round_programs
   s0 = setup.initial_state()
   out = jax.eval_shape(setup.round_fn, s0, rd, key)[1]
-  diagnose = setup.diagnose_fn.lower(s0.params, rd, out["masks"], out["client_aggregated"],
-                                     key, s0.round).compile()
+  diagnose = setup.diagnose_fn.lower(*round_programs.diagnose_args(
+      s0.params, s0.round, rd, (), out, key)).compile()
 compile_s = time.perf_counter() - t0
 times = []
 for i in range(int(sys.argv[2]) + 1):
@@ -55,8 +56,8 @@ for i in range(int(sys.argv[2]) + 1):
     params0, round0 = jax.tree_util.tree_map(jax.numpy.copy, (state.params, state.round))
   _, metrics = compiled(state, rd, key)
   if split:
-    metrics = dict(metrics, **diagnose(params0, rd, metrics["masks"],
-                                       metrics["client_aggregated"], key, round0))
+    metrics = dict(metrics, **diagnose(*round_programs.diagnose_args(
+        params0, round0, rd, (), metrics, key)))
   jax.block_until_ready(metrics)
   times.append(time.perf_counter() - t0)
 keep = {k: np.asarray(metrics[k]).tolist() for k in ("scores", "masks", "e1", "e2", "lipschitz")
