@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsel_jax.costs import DepthCosts
+from fedsel_jax.costs import ForwardFlops
 from fedsel_jax.costs import depth_set_cost
 from fedsel_jax.costs import training_flops_per_sample
 
@@ -60,6 +61,8 @@ class RunCosts:
   Attributes:
     fixed_flops, block_flops (f64[K]), common_flops: forward FLOPs per
       example (:func:`fedsel_jax.costs.model_forward_flops`).
+    base_flops: None, or the forward FLOPs of the trained layers below the
+      blocks (every backward pass then reaches the bottom).
     fixed_params, block_params (int[K]), common_params: parameter counts.
     train_examples: examples one client's local training reads (tau x B).
     score_rows: score rows a client reads at most (score batches x B).
@@ -75,6 +78,7 @@ class RunCosts:
   train_examples: int
   score_rows: int
   bytes_per_param: int = 4
+  base_flops: float | None = None
 
 
 def round_costs(run: RunCosts, masks, valid, scored, num_examples) -> dict[str, float]:
@@ -101,11 +105,11 @@ def round_costs(run: RunCosts, masks, valid, scored, num_examples) -> dict[str, 
   masks, valid = np.asarray(masks, bool), np.asarray(valid, bool)
   scored = np.asarray(scored, bool) & valid
   per_example = np.asarray(training_flops_per_sample(
-      run.block_flops, run.common_flops, masks, fixed_forward_flops=run.fixed_flops),
-      np.float64)
+      run.block_flops, run.common_flops, masks, fixed_forward_flops=run.fixed_flops,
+      base_forward_flops=run.base_flops), np.float64)
   full = float(np.asarray(training_flops_per_sample(
       run.block_flops, run.common_flops, np.ones((1, masks.shape[1]), bool),
-      fixed_forward_flops=run.fixed_flops))[0])
+      fixed_forward_flops=run.fixed_flops, base_forward_flops=run.base_flops))[0])
   rows = np.minimum(np.asarray(num_examples, np.float64), run.score_rows)
   selected = (masks * np.asarray(run.block_params, np.float64)).sum(1) + run.common_params
   model = run.fixed_params + run.common_params + float(np.sum(run.block_params))
@@ -133,8 +137,8 @@ def make_run_costs(params, index, num_candidates: int, forward_flops, *, local_s
     params: the model's parameter pytree.
     index: leaf -> group table (:func:`fedsel_jax.masks.group_index`).
     num_candidates: K.
-    forward_flops: ``(fixed, blocks f[K], common)``
-      (:func:`fedsel_jax.costs.model_forward_flops`).
+    forward_flops: :class:`fedsel_jax.costs.ForwardFlops` (or ``(fixed,
+      blocks f[K], common)``, :func:`fedsel_jax.costs.model_forward_flops`).
     local_steps, batch_size, sel_batches: the run's ``fl`` / ``selection``
       settings; n_max: rows of the padded client arrays.
   """
@@ -148,8 +152,9 @@ def make_run_costs(params, index, num_candidates: int, forward_flops, *, local_s
       blocks[k] += size
     else:
       kinds[k] += size
-  fixed, block_flops, common = forward_flops
+  fixed, block_flops, common, base = ForwardFlops(*forward_flops)
   return RunCosts(fixed_flops=float(fixed), block_flops=np.asarray(block_flops, np.float64),
+                  base_flops=None if base is None else float(base),
                   common_flops=float(common), fixed_params=kinds[FIXED], block_params=blocks,
                   common_params=kinds[COMMON], train_examples=local_steps * batch_size,
                   score_rows=scores_lib.num_score_batches(n_max, batch_size, sel_batches)

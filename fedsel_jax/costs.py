@@ -8,6 +8,7 @@ the per-round cost model of SPEC.md ("Cost model"), re-exported by
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,13 +133,16 @@ def budget_costs(kind: str, param_counts, forward_flops=None
   the depth-aware training FLOPs per example (:func:`depth_costs_from_flops`,
   without the constant every client pays) in units of the cheapest
   non-empty set, i.e. training one block alone (normally the top one): a
-  budget of 2 buys twice that.
+  budget of 2 buys twice that. With trained layers below the blocks
+  (``ForwardFlops.base``) every backward pass reaches the bottom anyway, so
+  the FLOPs costs are additive (backward None).
 
   Args:
     kind: ``selection.cost``.
     param_counts: int[K] parameters per candidate layer.
-    forward_flops: ``(fixed, blocks f[K], common)`` forward FLOPs per example
-      (:func:`model_forward_flops`); needed for ``"flops"``.
+    forward_flops: :class:`ForwardFlops` (or ``(fixed, blocks f[K], common)``)
+      forward FLOPs per example (:func:`model_forward_flops`); needed for
+      ``"flops"``.
 
   Returns:
     ``(costs f32[K], backward f32[K + 1] or None)``.
@@ -147,13 +151,14 @@ def budget_costs(kind: str, param_counts, forward_flops=None
     return layer_costs(kind, param_counts=param_counts), None
   if forward_flops is None:
     raise ValueError("selection.cost='flops' needs the model's forward FLOPs")
-  fixed, blocks, common = forward_flops
-  if not np.all(np.asarray(blocks) > 0):
+  ff = ForwardFlops(*forward_flops)
+  if not np.all(np.asarray(ff.blocks) > 0):
     raise ValueError(f"selection.cost='flops': every block's FLOPs must be > 0, got "
-                     f"{np.asarray(blocks).tolist()}")
-  model = depth_costs_from_flops(blocks, common, fixed)
+                     f"{np.asarray(ff.blocks).tolist()}")
+  model = depth_costs_from_flops(ff.blocks, ff.common, ff.fixed, ff.base)
   model = model.scaled(model.cheapest_set)
-  return model.weight.astype(np.float32), model.backward.astype(np.float32)
+  backward = None if ff.base is not None else model.backward.astype(np.float32)
+  return model.weight.astype(np.float32), backward
 
 
 def check_lam(lam) -> float:
@@ -203,28 +208,37 @@ def check_budgets(budgets, costs, backward=None) -> None:
 
 
 def training_flops_per_sample(forward_flops: jax.Array, head_forward_flops,
-                              masks: jax.Array, *, fixed_forward_flops=0.0
-                              ) -> jax.Array:
+                              masks: jax.Array, *, fixed_forward_flops=0.0,
+                              base_forward_flops=None) -> jax.Array:
   """f32[M]: training FLOPs per example of one local step, per client.
 
   Convention: FLOPs = 2 x MACs; backward through a layer costs 2x its
   forward, split equally into activation gradients (1x) and weight
   gradients (1x). With ``l_min`` the client's lowest selected block:
 
-  * forward through everything: fixed + all blocks + head;
+  * forward through everything: fixed + base + all blocks + head;
   * head: weight gradients always; activation gradients if any block is
     selected (they are what reaches the blocks);
   * activation gradients for every block ``l >= l_min`` (backprop stops
     below ``l_min``); weight gradients only for selected blocks.
+  * trained layers below the blocks (``base_forward_flops`` not None, e.g.
+    embeddings trained from scratch): the backward pass always reaches
+    them, so ``l_min`` is 0 for every client and the head's activation
+    gradients are always paid; their weight gradients cost 1x their
+    forward (no gradient into the input).
 
   So all blocks selected costs ``fixed + 3 (blocks + head)``, nothing
-  selected ``fixed + blocks + 2 head``.
+  selected ``fixed + blocks + 2 head`` (without base layers).
 
   Args:
     forward_flops: f32[K] forward FLOPs per example of each candidate block.
-    head_forward_flops: scalar, forward FLOPs of the common layers.
+    head_forward_flops: scalar, forward FLOPs of the common layers above
+      the blocks.
     masks: bool[M, K].
     fixed_forward_flops: scalar, forward FLOPs of the fixed layers.
+    base_forward_flops: None, or the forward FLOPs of the trained layers
+      below the blocks (0.0 for an embedding lookup still makes the
+      backward reach the bottom).
 
   Returns:
     f32[M].
@@ -232,13 +246,18 @@ def training_flops_per_sample(forward_flops: jax.Array, head_forward_flops,
   f = jnp.asarray(forward_flops, jnp.float32)
   head = jnp.asarray(head_forward_flops, jnp.float32)
   masks = jnp.asarray(masks, bool)
-  any_selected = jnp.any(masks, axis=-1)
-  # Blocks at or above the lowest selected block: a cumulative OR.
-  above_lowest = jnp.cumsum(masks, axis=-1) > 0
-  forward = fixed_forward_flops + jnp.sum(f) + head
+  if base_forward_flops is None:
+    base = jnp.float32(0.0)
+    any_selected = jnp.any(masks, axis=-1)
+    above_lowest = jnp.cumsum(masks, axis=-1) > 0    # at or above the lowest selected block
+  else:
+    base = jnp.asarray(base_forward_flops, jnp.float32)
+    any_selected = jnp.ones(masks.shape[:-1], bool)
+    above_lowest = jnp.ones(masks.shape, bool)
+  forward = fixed_forward_flops + base + jnp.sum(f) + head
   activation_grads = (jnp.sum(jnp.where(above_lowest, f, 0.0), axis=-1)
                       + jnp.where(any_selected, head, 0.0))
-  weight_grads = jnp.sum(jnp.where(masks, f, 0.0), axis=-1) + head
+  weight_grads = jnp.sum(jnp.where(masks, f, 0.0), axis=-1) + head + base
   return forward + activation_grads + weight_grads
 
 
@@ -272,21 +291,30 @@ class DepthCosts:
     return float(np.min(self.weight + self.backward[:-1]))
 
 
-def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flops=0.0
-                           ) -> DepthCosts:
+def depth_costs_from_flops(forward_flops, head_forward_flops, fixed_forward_flops=0.0,
+                           base_forward_flops=None) -> DepthCosts:
   """The FLOPs cost model of :func:`training_flops_per_sample` as DepthCosts.
 
   ``weight[l] = f_l``, ``backward[j] = head + sum_{l >= j} f_l`` (j < K),
   ``constant = fixed + sum f + 2 head`` (forward and the head's weight
-  gradients), all per example.
+  gradients), all per example. With trained layers below the blocks
+  (``base_forward_flops`` not None) every client's backward pass is the full
+  one: ``backward = 0`` and ``constant = fixed + 2 base + 2 sum f + 3 head``.
 
   Args:
     forward_flops: f32[K] forward FLOPs per example of each candidate block.
-    head_forward_flops: forward FLOPs of the common layers.
+    head_forward_flops: forward FLOPs of the common layers above the blocks.
     fixed_forward_flops: forward FLOPs of the fixed layers.
+    base_forward_flops: None, or forward FLOPs of the trained layers below
+      the blocks.
   """
   f = np.asarray(forward_flops, np.float64)
   head = float(head_forward_flops)
+  if base_forward_flops is not None:
+    base = float(base_forward_flops)
+    return DepthCosts(weight=f, backward=np.zeros(len(f) + 1),
+                      constant=float(fixed_forward_flops) + 2 * base + 2 * float(f.sum())
+                      + 3 * head)
   backward = np.concatenate([head + np.cumsum(f[::-1])[::-1], [0.0]])
   return DepthCosts(weight=f, backward=backward,
                     constant=float(fixed_forward_flops) + float(f.sum()) + 2 * head)
@@ -297,8 +325,25 @@ def _prefix_flops(rows, prefix: str) -> float:
   return float(sum(r.flops for r in rows if tuple(r.path) == path))
 
 
-def model_forward_flops(module, example_input, groups) -> tuple[float, np.ndarray, float]:
-  """Forward FLOPs per example of a model's fixed, candidate and common groups.
+class ForwardFlops(NamedTuple):
+  """Forward FLOPs per example of a model's groups (:func:`model_forward_flops`).
+
+  Attributes:
+    fixed: the fixed groups.
+    blocks: f64[K] each candidate.
+    common: the common groups above the candidates (the head).
+    base: None when no trained group sits below the candidates, else the
+      forward FLOPs of those (``LayerGroups.base``; 0.0 for a lookup).
+  """
+
+  fixed: float
+  blocks: np.ndarray
+  common: float
+  base: float | None = None
+
+
+def model_forward_flops(module, example_input, groups) -> ForwardFlops:
+  """Forward FLOPs per example of a model's fixed, candidate, common and base groups.
 
   Measured by XLA's cost analysis of each submodule named by a group prefix
   (flax's module table, as in ``nn.tabulate(compute_flops=True)``), at one
@@ -311,7 +356,7 @@ def model_forward_flops(module, example_input, groups) -> tuple[float, np.ndarra
     groups: the model's :class:`fedsel_jax.masks.LayerGroups`.
 
   Returns:
-    ``(fixed, blocks f64[K], common)`` forward FLOPs per example.
+    :class:`ForwardFlops`; ``common`` leaves out the ``base`` groups.
   """
   from flax.linen import summary  # pylint: disable=g-import-not-at-top
   table = summary._get_module_table(  # pylint: disable=protected-access
@@ -320,8 +365,11 @@ def model_forward_flops(module, example_input, groups) -> tuple[float, np.ndarra
   rows = table(jax.random.key(0), np.asarray(example_input)[:1])
   blocks = np.array([sum(_prefix_flops(rows, p) for p in prefixes)
                      for _, prefixes in groups.candidates])
-  return (sum(_prefix_flops(rows, p) for p in groups.fixed), blocks,
-          sum(_prefix_flops(rows, p) for p in groups.common))
+  base = getattr(groups, "base", ())
+  return ForwardFlops(
+      fixed=sum(_prefix_flops(rows, p) for p in groups.fixed), blocks=blocks,
+      common=sum(_prefix_flops(rows, p) for p in groups.common if p not in base),
+      base=float(sum(_prefix_flops(rows, p) for p in base)) if base else None)
 
 
 def lowest_selected(masks: jax.Array) -> jax.Array:

@@ -12,6 +12,10 @@
   forward and twice that backward; the lowest selected block needs no
   gradient of its input (its ``query``/``key``/``value`` kernels, or its
   first kernel). Embedding lookups, norms and activations count 0.
+  Common layers below the blocks (``LayerGroups.base``: embeddings trained
+  from scratch) cost their forward per token and their weight gradients,
+  and make every backward pass reach the bottom whatever the mask: every
+  block's activation gradients, the lowest one's input gradient included.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def block_kernels(params: PyTree, index: PyTree, k: int) -> dict[int, list[tuple
 
 
 def needed_step_flops(params: PyTree, index: PyTree, k: int, tokens: int, batch: int,
-                      mask: np.ndarray) -> float:
+                      mask: np.ndarray, base: tuple[str, ...] = ()) -> float:
   """Analytic FLOPs of one local step of one client (module docstring).
 
   Args:
@@ -128,43 +132,50 @@ def needed_step_flops(params: PyTree, index: PyTree, k: int, tokens: int, batch:
     tokens: T, sequence length (1 for feature vectors).
     batch: B.
     mask: bool[K] the client's selected blocks.
+    base: the common prefixes below the blocks (``LayerGroups.base``).
   """
   kern = block_kernels(params, index, k)
   size = lambda ks: sum(int(np.prod(s)) for _, s in ks)
-  dense = {g: 2. * tokens * size(ks) for g, ks in kern.items()}   # per example
+  common = kern.get(masks_lib.COMMON, [])
+  bottom = [(n, s) for n, s in common if masks_lib.under_any(n, base)]
+  top = [(n, s) for n, s in common if not masks_lib.under_any(n, base)]
+  dense = {g: 2. * tokens * size(ks) for g, ks in kern.items() if g != masks_lib.COMMON}
   attn = {}
   for g, ks in kern.items():
     q = [s for n, s in ks if n.endswith("query/kernel")]
     attn[g] = 4. * tokens * tokens * q[0][1] if (g >= 0 and q) else 0.
-  head = 2. * size(kern.get(masks_lib.COMMON, []))   # reads pooled features: once per example
-  blocks = range(k)
-  forward = dense.get(masks_lib.FIXED, 0.) + sum(dense.get(l, 0.) + attn[l] for l in blocks
-                                                  if l in dense) + head
+  head = 2. * size(top)                 # reads pooled features: once per example
+  below = 2. * tokens * size(bottom)    # trained layers under the blocks, per token
+  blocks = [l for l in range(k) if l in dense]
+  forward = dense.get(masks_lib.FIXED, 0.) + below + sum(dense[l] + attn[l] for l in blocks) + head
   sel = [l for l in blocks if mask[l]]
-  backward = head                                        # head weight gradient
-  if sel:
-    c = sel[0]
+  backward = head + below                                # weight gradients of the common layers
+  if sel or base:
+    c = 0 if base else sel[0]
     backward += head                                     # into the pooled features
     for l in blocks:
-      if l >= c and l in dense:
+      if l >= c:
         backward += dense[l] + 2. * attn[l]             # activation gradients
-    ks = kern[c]
-    inputs = [s for n, s in ks if n.split("/")[-2] in _INPUT_KERNELS] or [ks[0][1]]
-    backward -= 2. * tokens * sum(int(np.prod(s)) for s in inputs)
+    if not base:                                         # the lowest block's input needs none
+      ks = kern[c]
+      inputs = [s for n, s in ks if n.split("/")[-2] in _INPUT_KERNELS] or [ks[0][1]]
+      backward -= 2. * tokens * sum(int(np.prod(s)) for s in inputs)
     backward += sum(dense[l] for l in sel)              # weight gradients
   return batch * (forward + backward)
 
 
 def needed_round_flops_from(params: PyTree, index: PyTree, k: int, tokens: int, batch: int,
                             local_steps: int, masks: np.ndarray,
-                            valid: np.ndarray | None = None) -> float:
+                            valid: np.ndarray | None = None,
+                            base: tuple[str, ...] = ()) -> float:
   """Analytic FLOPs of a round: ``local_steps`` steps of every valid client.
 
   Args:
-    masks: bool[Mp, K]; valid: bool[Mp] (default all).
+    masks: bool[Mp, K]; valid: bool[Mp] (default all); base: as in
+      :func:`needed_step_flops`.
   """
   valid = np.ones(len(masks), bool) if valid is None else np.asarray(valid)
-  return local_steps * float(sum(needed_step_flops(params, index, k, tokens, batch, m)
+  return local_steps * float(sum(needed_step_flops(params, index, k, tokens, batch, m, base)
                                  for m, v in zip(masks, valid) if v))
 
 
@@ -175,6 +186,7 @@ def needed_round_flops(setup, rd: dict, masks: np.ndarray) -> float:
   s = setup.settings
   try:
     return needed_round_flops_from(setup.params, setup.index, setup.k, tokens, s.batch_size,
-                                   s.local_steps, masks, rd["valid"])
+                                   s.local_steps, masks, rd["valid"],
+                                   base=tuple(setup.spec.groups.base))
   except NotImplementedError:
     return float("nan")

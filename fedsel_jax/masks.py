@@ -41,11 +41,23 @@ class LayerGroups:
     candidates: ``((name, (prefix, ...)), ...)`` ordered input -> output.
     common: prefixes of parameters every client always trains.
     fixed: prefixes of parameters nobody trains.
+    base: the prefixes of ``common`` that sit on the input side of the
+      candidates (embeddings trained from scratch, :func:`train_fixed`).
+      Training them makes every client's backward pass reach the bottom of
+      the model whatever it selects; the cost model (``costs.py``) and the
+      needed FLOPs (``flops.py``) read this, masks and aggregation do not.
   """
 
   candidates: tuple[tuple[str, tuple[str, ...]], ...]
   common: tuple[str, ...] = ()
   fixed: tuple[str, ...] = ()
+  base: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    stray = [p for p in self.base if p not in self.common]
+    if stray:
+      raise ValueError(f"LayerGroups.base {stray} must be among the common prefixes "
+                       f"{list(self.common)}")
 
   @property
   def num_candidates(self) -> int:
@@ -81,8 +93,10 @@ def split_candidates(groups: LayerGroups, parts: tuple[tuple[str, tuple[str, ...
 
 def train_fixed(groups: LayerGroups) -> LayerGroups:
   """The fixed groups become common: every client trains them every round
-  (a model trained from scratch, whose random embeddings must learn)."""
-  return dataclasses.replace(groups, fixed=(), common=tuple(groups.fixed) + tuple(groups.common))
+  (a model trained from scratch, whose random embeddings must learn). They
+  sit below the candidates, so they also become ``base``."""
+  return dataclasses.replace(groups, fixed=(), common=tuple(groups.fixed) + tuple(groups.common),
+                             base=tuple(groups.base) + tuple(groups.fixed))
 
 
 def path_str(path) -> str:
@@ -103,6 +117,11 @@ def path_str(path) -> str:
 def _matches(path: str, prefix: str) -> bool:
   prefix = prefix.strip("/")
   return path == prefix or path.startswith(prefix + "/")
+
+
+def under_any(path: str, prefixes) -> bool:
+  """Whether the leaf path ``a/b/c`` lies under one of the group ``prefixes``."""
+  return any(_matches(path, p) for p in prefixes)
 
 
 def leaf_paths(params: PyTree) -> list[str]:

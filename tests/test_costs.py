@@ -36,8 +36,10 @@ def test_round_costs_by_hand():
 
 
 def test_run_logs_costs_per_round_and_totals(data_dir, tmp_path):  # pylint: disable=redefined-outer-name
+  # frozen embeddings keep the FLOPs budgets depth-aware (trained ones make them additive)
   config = smoke_config(data_dir, **{"selection.strategy": "proposed",
-                                     "selection.cost": "flops", "fl.num_rounds": 2})
+                                     "selection.cost": "flops", "fl.num_rounds": 2,
+                                     "model.embeddings": "fixed"})
   final = train.train_and_evaluate(config, str(tmp_path), quiet=True)
   with open(os.path.join(str(tmp_path), "metrics.csv")) as f:
     rows = list(csv.DictReader(f))
@@ -57,6 +59,15 @@ def test_run_logs_costs_per_round_and_totals(data_dir, tmp_path):  # pylint: dis
   # Depth-aware budgets: the cheapest single block costs 1 budget unit.
   assert setup.backward is not None
   assert np.min(setup.costs + setup.backward[:-1]) == pytest.approx(1.0)
+  # The digits MLP trained from scratch trains its embedding below the blocks:
+  # every backward pass reaches it, so FLOPs costs are additive, in units of
+  # the cheapest block's weight gradients, and the logged training FLOPs are
+  # the full backward's plus the selected blocks' weight gradients.
+  config.model.embeddings = "auto"
+  setup = train.Setup(config)
+  assert setup.backward is None and setup.run_costs.base_flops > 0
+  np.testing.assert_allclose(setup.costs, setup.flops.blocks / setup.flops.blocks.min(),
+                             rtol=1e-6)
 
 
 def test_a_budget_of_one_cheapest_set_is_affordable_despite_float32_rounding():

@@ -156,7 +156,7 @@ def lora_groups(groups: LayerGroups, targets: Mapping[str, tuple[int, int, int]]
       candidates.append((f"{name}_lora", prefixes))
   frozen = tuple(p for _, ps in groups.candidates for p in ps)
   return LayerGroups(candidates=tuple(candidates), common=groups.common,
-                     fixed=tuple(groups.fixed) + frozen)
+                     fixed=tuple(groups.fixed) + frozen, base=groups.base)
 
 
 def _nest(flat: Mapping[str, PyTree]) -> dict:
