@@ -22,6 +22,9 @@ Costs (per round, from the run's own masks; see ``costs``):
   score-based strategies. It counts weight matmuls only, which for the
   residual MLP of configs/digits.py is nearly all of the work. It is what an
   implementation that stops backprop below ``l_min`` spends (``fl.backprop_cut``).
+  A trained layer below the blocks (``LayerGroups.base``: the digits
+  embedding, trained from scratch) makes ``l_min = 0`` for every client, and
+  needs no activation gradient of its own.
 """
 
 from __future__ import annotations
@@ -80,24 +83,27 @@ def set_field(config, dotted: str, value) -> None:
   node[last] = value
 
 
-def block_sizes(setup) -> tuple[np.ndarray, np.ndarray, int, int]:
+def block_sizes(setup) -> tuple[np.ndarray, np.ndarray, int, int, int | None]:
   """(trainable size per candidate [K], backward-through size per candidate [K],
-  common size, all-leaves size): candidate k's backward-through size counts its
-  block's base weights too (LoRA: the frozen block under the adapters)."""
+  common size, all-leaves size, size of the common layers below the blocks or
+  None): candidate k's backward-through size counts its block's base weights
+  too (LoRA: the frozen block under the adapters)."""
   index, k = setup.index, setup.k
+  below = tuple(setup.spec.groups.base)
   sizes = masks_lib.group_sizes(setup.params, index, k)
   block_names = [n[:-len("_lora")] if n.endswith("_lora") else n for n in setup.spec.groups.names]
   through = sizes.astype(np.float64).copy()
-  common = total = 0
+  common = total = base = 0
   for path, g, leaf in zip(masks_lib.leaf_paths(setup.params), jax.tree_util.tree_leaves(index),
                            jax.tree_util.tree_leaves(setup.params)):
     n = int(np.prod(leaf.shape))
     total += n
     common += n if g == masks_lib.COMMON else 0
+    base += n if g == masks_lib.COMMON and masks_lib.under_any(path, below) else 0
     top = path.split("/")[0]
     if g == masks_lib.FIXED and top in block_names:
       through[block_names.index(top)] += n
-  return sizes, through, common, total
+  return sizes, through, common, total, (base if below else None)
 
 
 def head_size(setup) -> int:
@@ -108,18 +114,19 @@ def head_size(setup) -> int:
              if path.split("/")[0] == "head")
 
 
-def step_flops(mask: np.ndarray, sizes, through, common: int, total: int) -> float:
+def step_flops(mask: np.ndarray, sizes, through, common: int, total: int,
+               base: int | None = None) -> float:
   """Training FLOPs of one example step of a client with ``mask`` (bool[K])."""
   k = len(mask)
-  lowest = int(np.argmax(mask)) if mask.any() else k
-  backward = 2.0 * (through[lowest:].sum() + common)
+  lowest = 0 if base is not None else (int(np.argmax(mask)) if mask.any() else k)
+  backward = 2.0 * (through[lowest:].sum() + common - (base or 0))
   return 2.0 * total + backward + 2.0 * (sizes[mask].sum() + common)
 
 
 def costs(setup, masks_per_round: list[np.ndarray], local: bool) -> dict[str, float]:
   """Per-round means of trained params, bytes up/down and training FLOPs."""
   c = setup.config
-  sizes, through, common, total = block_sizes(setup)
+  sizes, through, common, total, base = block_sizes(setup)
   scored = federated.STRATEGIES[c.selection.strategy][0] is not None
   batch, steps = c.fl.batch_size, c.fl.local_steps
   n = setup.clients.num_examples
@@ -133,9 +140,10 @@ def costs(setup, masks_per_round: list[np.ndarray], local: bool) -> dict[str, fl
     m = len(masks)
     up.append(0 if local else 4.0 * (per_client.sum() + (setup.k * m if scored else 0)))
     down.append(0 if local else 4.0 * m * (sizes[ever].sum() + common))
-    f = sum(steps * batch * step_flops(mk, sizes, through, common, total) for mk in masks)
+    f = sum(steps * batch * step_flops(mk, sizes, through, common, total, base) for mk in masks)
     if scored and t % c.selection.sel_gap == 0:
-      f += m * score_rows * step_flops(np.ones(setup.k, bool), sizes, through, common, total)
+      f += m * score_rows * step_flops(np.ones(setup.k, bool), sizes, through, common, total,
+                                       base)
     flops.append(f)
   return {"trained_params": float(np.mean(trained)), "bytes_up": float(np.mean(up)),
           "bytes_down": float(np.mean(down)), "train_flops": float(np.mean(flops))}
@@ -152,7 +160,7 @@ def run_row(base_config, row: str, seed: int, workdir: str) -> dict:
   start = time.perf_counter()
   if row == "probe":
     final = probe.train_and_evaluate(setup, workdir, quiet=True)
-    _, _, _, total = block_sizes(setup)
+    _, _, _, total, _ = block_sizes(setup)
     final.update(trained_params=float(head_size(setup)), bytes_up=0.0, bytes_down=0.0,
                  train_flops=float(2.0 * total * final["num_train"]))  # one forward pass
   else:
