@@ -162,7 +162,31 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
   if mem is not None:
     res["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
     res["xla_args_mb"] = mem.argument_size_in_bytes / 2 ** 20
-  return res
+
+  def round_calls(n: int) -> list[Callable[[], Any]]:
+    """n calls of the compiled round, each on a fresh state (the round donates it)."""
+    return [lambda st=st: compiled(st, dev_rd, *extra, key)[0].params
+            for st in [make_state() for _ in range(n)]]
+
+  return res, round_calls
+
+
+def paired_ratio(round_thunks: list, peer_fn: Callable[[], Any], peer: str) -> dict:
+  """Round and peer called alternately; ``peer seconds / round seconds`` per pair.
+
+  A drift of the machine's speed during the run (a shared host) moves both
+  sides of a pair alike, where the separate blocks of ``timed`` can land in
+  different phases of it.
+  """
+  ratios = []
+  for call in round_thunks:
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    t1 = time.perf_counter()
+    jax.block_until_ready(peer_fn())
+    ratios.append((time.perf_counter() - t1) / (t1 - t0))
+  return dict(peer=peer, ratios=ratios, median=statistics.median(ratios), min=min(ratios),
+              max=max(ratios))
 
 
 def per_client_loop(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict:
@@ -207,15 +231,22 @@ def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> d
   samples = int(valid.sum()) * s.local_steps * s.batch_size
   row: dict[str, Any] = dict(masks=kind, mean_blocks=float(masks[valid].sum(1).mean()),
                              samples=samples, modes={})
-  row["modes"]["round"] = project_round(setup, rd, masks, key, repeats)
-  row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, max(1, repeats // 2))
+  row["modes"]["round"], round_calls = project_round(setup, rd, masks, key, repeats)
+  # The slower modes get fewer timed calls, but at least 3: a ratio against
+  # one torch round moved 1.08x -> 1.43x between two runs minutes apart.
+  slow = max(3, repeats // 2)
+  row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, slow)
+  peers = {}
   for t in threads if peer is not None else ():
     try:
-      fn = peer.make_round(setup, rd, masks, threads=t)
+      peers[f"torch_{t}"] = fn = peer.make_round(setup, rd, masks, threads=t)
     except NotImplementedError as e:        # the peer builds BERT-family models only
       row["torch_skipped"] = str(e)
       break
-    row["modes"][f"torch_{t}"] = timed(fn, max(1, repeats // 2))
+    row["modes"][f"torch_{t}"] = timed(fn, slow)
+  if peers:                                 # the best thread count, alternated with the round
+    best = min(peers, key=lambda name: row["modes"][name]["median_s"])
+    row["paired"] = paired_ratio(round_calls(slow), peers[best], best)
   for res in row["modes"].values():
     res["samples_per_s"] = samples / res["median_s"]
   row["executed_flops"] = flops_lib.executed_round_flops(flops_lib.counting_parts(setup),
@@ -252,6 +283,10 @@ def format_row(row: dict) -> str:
   lines.append(f"  round vs loop {row['speedup_over_loop']:.2f}x" + (
       f"; vs best torch {row['speedup_over_torch_best']:.2f}x, memory "
       f"{row['memory_over_torch']:.2f}x torch" if "speedup_over_torch_best" in row else ""))
+  if "paired" in row:
+    pr = row["paired"]
+    lines.append(f"  round vs {pr['peer']}, alternated: {pr['median']:.2f}x "
+                 f"[{pr['min']:.2f}-{pr['max']:.2f}] over {len(pr['ratios'])} pairs")
   if np.isfinite(row["needed_flops"]):
     needed = (f"needed {row['needed_flops'] / 1e9:.1f} G ({row['executed_over_needed']:.2f}x); "
               f"MFU {100 * row['mfu_needed']:.0f}% needed, ")
@@ -308,7 +343,8 @@ def _define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).")
   flags.DEFINE_list("masks", ["config", "top2"], f"Mask kinds among {MASK_KINDS}.")
-  flags.DEFINE_integer("repeats", 5, "Timed rounds after the first call (median).")
+  flags.DEFINE_integer("repeats", 5, "Timed rounds after the first call (median); the loop "
+                       "and torch modes time max(3, repeats // 2).")
   flags.DEFINE_string("json", "", "Also write the report here.")
   flags.DEFINE_string("torch_peer", "experiments/bench/torch_peer.py",
                       "File of the PyTorch peer (skipped if missing or torch is absent).")

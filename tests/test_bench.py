@@ -50,3 +50,29 @@ def test_a_model_without_an_analytic_count_prints_no_nan():
              mfu_needed=float("nan"), mfu_executed=0.26)
   text = bench.format_row(row)
   assert "nan" not in text and "no analytic count" in text and "26% executed" in text
+
+
+def test_paired_ratio_alternates_round_and_peer(monkeypatch):
+  """Each pair times one round call then one peer call, on the same clock."""
+  from fedsel_jax import bench
+  clock, calls = [0.0], []
+
+  class FakeTime:
+    @staticmethod
+    def perf_counter():
+      return clock[0]
+
+  def advance(name, dt):
+    def fn():
+      calls.append(name)
+      clock[0] += dt
+      return 0
+    return fn
+
+  monkeypatch.setattr(bench, "time", FakeTime)
+  rounds = [advance("round", d) for d in (1.0, 2.0, 4.0)]
+  peer = iter([3.0, 4.0, 4.0])
+  res = bench.paired_ratio(rounds, lambda: advance("peer", next(peer))(), "torch_2")
+  assert calls == ["round", "peer"] * 3
+  assert res["ratios"] == [3.0, 2.0, 1.0] and res["median"] == 2.0
+  assert (res["min"], res["max"], res["peer"]) == (1.0, 3.0, "torch_2")

@@ -68,7 +68,7 @@ def main(_):
     row = dict(lam=lam, distinct_masks=len({m.tobytes() for m in masks[valid]}),
                mean_blocks=float(masks[valid].sum(1).mean()),
                mean_chunk_union=chunk_unions(setup, rd, masks))
-    row["round"] = bench.project_round(setup, rd, masks, key, _REPEATS.value)
+    row["round"], _ = bench.project_round(setup, rd, masks, key, _REPEATS.value)
     if peer is not None:
       row["torch"] = bench.timed(peer.make_round(setup, rd, masks, threads=_THREADS.value),
                                  max(1, _REPEATS.value - 1))

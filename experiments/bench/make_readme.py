@@ -51,17 +51,21 @@ def bench_table(name: str, rep: dict) -> list[str]:
       out.append(f"| {row['masks']} ({row['mean_blocks']:.1f} blocks) | {mode} | "
                  f"{r['median_s']:.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] | "
                  f"{r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {first} |")
-  out += ["", "| masks | round vs loop | round vs best torch | memory vs torch | "
-          "executed GFLOP | needed GFLOP | executed / needed | MFU (needed) |",
-          "|---|---|---|---|---|---|---|---|"]
+  out += ["", "| masks | round vs loop | round vs best torch | alternated with it, median "
+          "[min-max] | memory vs torch | executed GFLOP | needed GFLOP | executed / needed "
+          "| MFU (needed) |",
+          "|---|---|---|---|---|---|---|---|---|"]
   for row in rep["rows"]:
     torch = (f"{row['speedup_over_torch_best']:.2f}x", f"{row['memory_over_torch']:.2f}x") \
         if "speedup_over_torch_best" in row else ("-", "-")
+    pr = row.get("paired")     # reports before 2026-12-04 have none
+    paired = (f"{pr['median']:.2f}x [{pr['min']:.2f}-{pr['max']:.2f}], "
+              f"{len(pr['ratios'])} pairs" if pr else "-")
     counted = math.isfinite(row["needed_flops"])   # no analytic count with convolutions
     need = (f"{row['needed_flops'] / 1e9:.1f} | {row['executed_over_needed']:.2f}x | "
             f"{100 * row['mfu_needed']:.0f}%" if counted else "- | - | -")
-    out.append(f"| {row['masks']} | {row['speedup_over_loop']:.2f}x | {torch[0]} | {torch[1]} | "
-               f"{row['executed_flops'] / 1e9:.1f} | {need} |")
+    out.append(f"| {row['masks']} | {row['speedup_over_loop']:.2f}x | {torch[0]} | {paired} | "
+               f"{torch[1]} | {row['executed_flops'] / 1e9:.1f} | {need} |")
   return out + [""]
 
 
