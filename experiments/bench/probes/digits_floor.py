@@ -5,6 +5,9 @@ the smallest torch loop of the same work (a model per client, 5 steps, delta
 averaged), in one process, alternating, median of 30 calls each, several
 passes. It bounds what any JAX round of this workload can reach against the
 torch pattern on this host; `python -m fedsel_jax.bench` measures the real one.
+``need2`` rows: the same with only the embedding, the top 2 blocks and the
+head trained (what a 2-block mask needs, the embedding being trained below
+the blocks), torch with ``requires_grad`` off on the other 2 blocks.
 
     PYTHONPATH=. python experiments/bench/probes/digits_floor.py
     XLA_FLAGS=--xla_cpu_use_xnnpack=false PYTHONPATH=. python experiments/bench/probes/digits_floor.py
@@ -37,6 +40,27 @@ def client(p, x, y):
   return jax.tree.map(jnp.subtract, q, p)
 
 
+# The work the digits masks need (2 of the 4 blocks selected): the trained
+# embedding below the blocks makes every backward pass reach the bottom, so
+# only the weight gradients of the 2 unselected blocks can be skipped.
+NEED2 = ("in", "b2", "b3", "out")
+
+
+def client_need2(p, x, y):
+  tr = {k: p[k] for k in NEED2}
+  fx = {k: v for k, v in p.items() if k not in NEED2}
+  def step(q, xy):
+    g = jax.grad(lambda q: loss({**fx, **q}, *xy))(q)
+    return jax.tree.map(lambda a, b: a - .1 * b, q, g), None
+  q, _ = jax.lax.scan(step, tr, (x, y))
+  return jax.tree.map(jnp.subtract, q, tr)
+
+
+def vmapped_need2(p, x, y):
+  d = jax.vmap(client_need2, (None, 0, 0))(p, x, y)
+  return {**p, **{k: p[k] + d[k].mean(0) for k in d}}
+
+
 def vmapped(p, x, y):
   d = jax.vmap(client, (None, 0, 0))(p, x, y)
   return jax.tree.map(lambda a, b: a + b.mean(0), p, d)
@@ -63,12 +87,14 @@ class TorchMLP(torch.nn.Module):
     return self.out(h)
 
 
-def torch_round(model, xt, yt):
+def torch_round(model, xt, yt, frozen=()):
   base = {k: v.clone() for k, v in model.state_dict().items()}
   acc = {k: torch.zeros_like(v) for k, v in base.items()}
+  for i in frozen:                      # requires_grad: no weight gradients for these blocks
+    model.blocks[i].weight.requires_grad_(False)
   for c in range(C):
     model.load_state_dict(base)
-    opt = torch.optim.SGD(model.parameters(), lr=.1)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=.1)
     for s in range(S):
       opt.zero_grad()
       torch.nn.functional.cross_entropy(model(xt[c, s]), yt[c, s]).backward()
@@ -76,6 +102,8 @@ def torch_round(model, xt, yt):
     for k, v in model.state_dict().items():
       acc[k] += (v - base[k]) / C
   model.load_state_dict({k: base[k] + acc[k] for k in base})
+  for q in model.parameters():
+    q.requires_grad_(True)
 
 
 def median_ms(fn, n=30):
@@ -91,18 +119,22 @@ def main():
         f"jax {jax.__version__} torch {torch.__version__} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
         f"load {os.getloadavg()}")
   p, x, y = (jax.device_put(a) for a in (params, xs, ys))
-  jv, js = jax.jit(vmapped), jax.jit(sequential)
+  jv, js, jn = jax.jit(vmapped), jax.jit(sequential), jax.jit(vmapped_need2)
   model = TorchMLP()
   xt, yt = torch.from_numpy(xs), torch.from_numpy(ys)
   for _ in range(3):
     row = {"jax_vmap": median_ms(lambda: jax.block_until_ready(jv(p, x, y))),
            "jax_scan": median_ms(lambda: jax.block_until_ready(js(p, x, y)))}
+    row["jax_need2"] = median_ms(lambda: jax.block_until_ready(jn(p, x, y)))
     for t in (1, 2):
       torch.set_num_threads(t)
       row[f"torch_{t}"] = median_ms(lambda: torch_round(model, xt, yt))
+      row[f"torch_need2_{t}"] = median_ms(lambda: torch_round(model, xt, yt, frozen=(0, 1)))
     best_jax, best_torch = min(row["jax_vmap"], row["jax_scan"]), min(row["torch_1"], row["torch_2"])
+    need_torch = min(row["torch_need2_1"], row["torch_need2_2"])
     print(" ".join(f"{k} {v:.2f} ms" for k, v in row.items()),
-          f"| best torch / best jax {best_torch / best_jax:.2f}x")
+          f"| best torch / best jax {best_torch / best_jax:.2f}x, "
+          f"need2: {need_torch / row['jax_need2']:.2f}x")
   print(f"# load after {os.getloadavg()}")
 
 
