@@ -234,7 +234,9 @@ def test_vmapped_round_equals_the_single_round_with_depth_aware_costs(data_dir, 
   (``setup.backward``) as the single run's round: same masks, same metrics."""
   import jax.numpy as jnp
   from tests.helpers import smoke_config
-  c = smoke_config(data_dir, **{"selection.cost": cost, "selection.strategy": "proposed"})
+  # frozen embeddings: with the smoke MLP's trained ones FLOPs costs are additive
+  c = smoke_config(data_dir, **{"selection.cost": cost, "selection.strategy": "proposed",
+                                "model.embeddings": "fixed"})
   setup = train.Setup(c)
   assert setup.backward is not None
   rd = setup.round_data(0)
