@@ -233,7 +233,7 @@ def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> d
                              samples=samples, modes={})
   row["modes"]["round"], round_calls = project_round(setup, rd, masks, key, repeats)
   # The slower modes get fewer timed calls, but at least 3: a ratio against
-  # one torch round moved 1.08x -> 1.43x between two runs minutes apart.
+  # one torch round moved 1.08x -> 1.38x between two runs minutes apart.
   slow = max(3, repeats // 2)
   row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, slow)
   peers = {}

@@ -365,7 +365,7 @@ def model_forward_flops(module, example_input, groups) -> ForwardFlops:
   rows = table(jax.random.key(0), np.asarray(example_input)[:1])
   blocks = np.array([sum(_prefix_flops(rows, p) for p in prefixes)
                      for _, prefixes in groups.candidates])
-  base = getattr(groups, "base", ())
+  base = groups.base
   return ForwardFlops(
       fixed=sum(_prefix_flops(rows, p) for p in groups.fixed), blocks=blocks,
       common=sum(_prefix_flops(rows, p) for p in groups.common if p not in base),

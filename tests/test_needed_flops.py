@@ -93,13 +93,13 @@ def test_needed_flops_equal_xla_count_of_the_ideal_gradient(embeddings):
 
 
 def test_from_scratch_models_declare_their_embeddings_as_base():
+  forward_flops = lambda s: costs_lib.model_forward_flops(s.module, s.example_input, s.groups)
   spec, _, _ = _model("auto")
   assert spec.groups.base == ("embed",) and "embed" in spec.groups.common
-  ff = costs_lib.model_forward_flops(spec.module, spec.example_input, spec.groups)
+  ff = forward_flops(spec)
   # the embedding (32 -> 256) is base, not head (256 -> 4)
   assert ff.base >= 2 * 32 * 256 and ff.common < 2 * 256 * 4 + 64
-  fixed = costs_lib.model_forward_flops(*(lambda s: (s.module, s.example_input, s.groups))(
-      _model("fixed")[0]))
+  fixed = forward_flops(_model("fixed")[0])
   assert fixed.base is None and fixed.fixed == ff.base and fixed.common == ff.common
   with pytest.raises(ValueError, match="LayerGroups.base"):
     masks_lib.LayerGroups(candidates=(), common=("head",), base=("embed",))
