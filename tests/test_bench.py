@@ -76,3 +76,22 @@ def test_paired_ratio_alternates_round_and_peer(monkeypatch):
   assert calls == ["round", "peer"] * 3
   assert res["ratios"] == [3.0, 2.0, 1.0] and res["median"] == 2.0
   assert (res["min"], res["max"], res["peer"]) == (1.0, 3.0, "torch_2")
+
+
+def test_a_peer_missing_a_package_is_said_and_skipped(monkeypatch, capsys, tmp_path):
+  """torch without transformers: one stderr line naming it, no peer, no traceback."""
+  from fedsel_jax import bench
+  peer_file = tmp_path / "peer.py"
+  peer_file.write_text("raise AssertionError('the peer must not be imported')\n")
+  real = bench.importlib.util.find_spec
+  monkeypatch.setattr(bench.importlib.util, "find_spec",
+                      lambda name: object() if name == "torch" else
+                      (None if name == "transformers" else real(name)))
+  assert bench.load_peer(str(peer_file)) is None
+  err = capsys.readouterr().err
+  assert "transformers" in err and "torch" not in err.split("needs")[1].split("(")[0]
+  assert bench.load_peer(str(tmp_path / "absent.py")) is None
+  assert "no torch peer" in capsys.readouterr().err
+  monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+  assert bench.load_peer(str(peer_file)) is None     # no torch: silently no peer
+  assert capsys.readouterr().err == ""
