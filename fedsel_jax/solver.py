@@ -10,8 +10,8 @@ Given scores ``s: f32[M, K]``, layer costs ``c: f32[K]`` and budgets
 vmappable. It is written as named steps over an explicit :class:`Problem`
 value, each tested on its own: :func:`make_problem` (inputs), the moves
 :func:`jacobi_step`, :func:`client_sweep`, :func:`layer_sweep`,
-:func:`transfer_step` (one climbing step each, never lowering the
-objective), :func:`ascend` (climb to a fixed point), the kicks
+:func:`transfer_step`, :func:`handover_step`, :func:`swap_step` (one
+climbing step each, never lowering the objective), :func:`ascend` (climb to a fixed point), the kicks
 :func:`insert_kick` and :func:`ruin_kick`, and the driver :func:`solve`.
 Each works on P starts side by side: ``masks bool[P, M, K]`` with their
 counts ``i32[P, K]``. ``lam`` may have either sign (``lam < 0`` rewards
@@ -39,9 +39,11 @@ from fedsel_jax import knapsack as knap
 # The problem value and the moves; re-exported (tests and callers use solver.X).
 from fedsel_jax.solver_moves import client_gains  # noqa: F401
 from fedsel_jax.solver_moves import client_sweep  # noqa: F401
+from fedsel_jax.solver_moves import handover_step  # noqa: F401
 from fedsel_jax.solver_moves import jacobi_step  # noqa: F401
 from fedsel_jax.solver_moves import joint_gain  # noqa: F401
 from fedsel_jax.solver_moves import layer_sweep  # noqa: F401
+from fedsel_jax.solver_moves import swap_step  # noqa: F401
 from fedsel_jax.solver_moves import sweep
 from fedsel_jax.solver_moves import transfer_step  # noqa: F401
 from fedsel_jax.solver_problem import JACOBI_MAX_CELLS  # noqa: F401

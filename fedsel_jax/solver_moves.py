@@ -5,8 +5,10 @@ Each move takes P starts side by side (``masks bool[P, M, K]``, counts
 from its exact objective change (``lam`` of either sign):
 :func:`jacobi_step` (every client's best response at once, kept where the
 joint change pays), :func:`client_sweep` (one client at a time),
-:func:`layer_sweep` (one layer for everyone), :func:`transfer_step` (a
-layer moved between clients) and :func:`sweep` (all of them in turn).
+:func:`layer_sweep` (one layer for everyone), :func:`transfer_step` (holders
+of a layer switching it for another), :func:`handover_step` (a layer passed
+from one client to another) and :func:`swap_step` (two clients trading
+layers), both for ``lam < 0``, and :func:`sweep` (all of them in turn).
 """
 
 from __future__ import annotations
@@ -263,9 +265,109 @@ def transfer_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   return masks, counts_of(masks), jnp.any(accept)
 
 
+def handover_step(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Layer l passes from the holder who values it least to the non-holder
+  who values it most and can afford it next to its other layers, the best
+  l per start. S_l does not change, so neither does the penalty: the
+  change is ``s_jl - s_il``, a move no single client can make.
+
+  At a fixed point of the client moves it cannot pay when ``lam >= 0``:
+  there j's adding l is worth ``s_jl - lam (M - 1 - 2 S_l) <= 0`` and i's
+  keeping it ``s_il - lam (M + 1 - 2 S_l) >= 0``, so ``s_jl - s_il <= -2
+  lam``; :func:`sweep` tries it only for ``lam < 0``.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  del counts
+  num_layers = masks.shape[-1]
+  valid = prob.valid[None, :, None]
+  is_l = jnp.eye(num_layers, dtype=bool)
+  # can[p, j, l]: client j, holding its masks plus l, stays within budget.
+  with_l = prob.set_cost(masks[..., None, :] | is_l)  # [P, M, K]
+  receivers = valid & ~masks & (with_l <= prob.budgets[None, :, None])
+  givers = valid & masks
+  take = jnp.where(receivers, prob.scores, -jnp.inf)
+  give = jnp.where(givers, prob.scores, jnp.inf)
+  receiver, giver = jnp.argmax(take, axis=1), jnp.argmin(give, axis=1)  # [P, K]
+  delta = jnp.max(take, axis=1) - jnp.min(give, axis=1)
+  layer = jnp.argmax(delta, axis=-1)  # [P]
+  best = jnp.max(delta, axis=-1)
+  accept = best > 1e-6 * (1.0 + jnp.abs(best))
+  pick = lambda a: jnp.take_along_axis(a, layer[:, None], axis=-1)[:, 0]
+  clients = jnp.arange(masks.shape[1])[None, :, None]
+  column = (jnp.arange(num_layers) == layer[:, None])[:, None, :]
+  leave = column & (clients == pick(giver)[:, None, None])
+  join = column & (clients == pick(receiver)[:, None, None])
+  masks = jnp.where(accept[:, None, None], (masks & ~leave) | join, masks)
+  return masks, counts_of(masks), jnp.any(accept)
+
+
+def swap_step(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Client i trades layer a for b and client j trades b for a, the best
+  pair per start: S_a and S_b do not change, so neither does the penalty,
+  and the change ``(s_ib - s_ia) + (s_ja - s_jb)`` splits into one term per
+  client. The exchange a handover cannot make when the receiver's budget is
+  full.
+
+  At a fixed point of the client moves it cannot pay when ``lam >= 0``
+  (each trade alone is a client move, so the sum is at most ``-4 lam``);
+  :func:`sweep` tries it only for ``lam < 0``.
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  del counts
+  num_starts, num_clients, num_layers = masks.shape
+  used = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)  # [P, M]
+
+  def trades_from(a):
+    # The best client trading a -> b, for every b: (gain f32[P, K], client i32[P, K]).
+    movers = _movers(prob, masks, used, a)  # [P, M, K]
+    gain = jnp.where(movers, prob.scores - prob.scores[:, a, None], -jnp.inf)
+    return jnp.max(gain, axis=1), jnp.argmax(gain, axis=1)
+
+  gain, who = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1),
+                           jax.lax.map(trades_from, jnp.arange(num_layers)))  # [P, a, b]
+  delta = (gain + jnp.swapaxes(gain, 1, 2)).reshape(num_starts, -1)
+  best = jnp.argmax(delta, axis=-1)
+  best_delta = jnp.max(delta, axis=-1)
+  accept = best_delta > 1e-6 * (1.0 + jnp.abs(best_delta))
+  a, b = best // num_layers, best % num_layers
+  starts = jnp.arange(num_starts)
+  i, j = who[starts, a, b], who[starts, b, a]
+  clients = jnp.arange(num_clients)[None, :, None]
+  layer = jnp.arange(num_layers)[None, None, :]
+  col_a, col_b = layer == a[:, None, None], layer == b[:, None, None]
+  at_i, at_j = clients == i[:, None, None], clients == j[:, None, None]
+  traded = (masks & ~((at_i & col_a) | (at_j & col_b))) | (at_i & col_b) | (at_j & col_a)
+  masks = jnp.where(accept[:, None, None], traded, masks)
+  return masks, counts_of(masks), jnp.any(accept)
+
+
+def _coordinated_moves(prob: Problem, masks: jax.Array, counts: jax.Array):
+  """Transfers, then (``lam < 0`` only, see :func:`handover_step`) a
+  handover, or else a swap."""
+  masks, counts, moved = transfer_step(prob, masks, counts)
+  return jax.lax.cond((prob.lam < 0) & ~moved, _spreading_moves,
+                      lambda p, mk, c: (mk, c, moved), prob, masks, counts)
+
+
+def _spreading_moves(prob: Problem, masks: jax.Array, counts: jax.Array):
+  masks, counts, handed = handover_step(prob, masks, counts)
+  return jax.lax.cond(handed, lambda p, mk, c: (mk, c, handed), swap_step,
+                      prob, masks, counts)
+
+
+def _no_move(prob: Problem, masks: jax.Array, counts: jax.Array):
+  del prob
+  return masks, counts, jnp.bool_(False)
+
+
 def sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
   """One climbing step: client moves (joint where it fits in memory, else
-  sequential), a column sweep, and transfers only at a fixed point of both.
+  sequential), a column sweep, and coordinated moves (transfers; handovers
+  and swaps when ``lam < 0``) only at a fixed point of both.
 
   Returns:
     ``(masks, counts, changed bool)``.
@@ -275,5 +377,5 @@ def sweep(prob: Problem, masks: jax.Array, counts: jax.Array):
   masks, counts, changed_l = layer_sweep(prob, masks, counts)
   stuck = ~(changed_c | changed_l)
   masks, counts, changed_t = jax.lax.cond(
-      stuck, transfer_step, lambda p, mk, c: (mk, c, jnp.bool_(False)), prob, masks, counts)
+      stuck, _coordinated_moves, _no_move, prob, masks, counts)
   return masks, counts, changed_c | changed_l | changed_t

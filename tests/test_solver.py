@@ -44,7 +44,7 @@ def _feasible(masks, costs, budgets):
 
 
 MOVES = [solver.jacobi_step, solver.client_sweep, solver.layer_sweep, solver.transfer_step,
-         solver.sweep]
+         solver.handover_step, solver.sweep]
 
 
 @pytest.mark.parametrize("move", MOVES, ids=lambda f: f.__name__)
@@ -164,6 +164,47 @@ def test_best_of_and_initial_starts():
   np.testing.assert_array_equal(starts[0], np.asarray(sel.select_topk_scores(
       scores, costs, budgets)))  # own top-b first
   assert np.all(starts[3] == starts[3][0]) and not starts[4].any()  # consensus, empty
+
+
+def test_handover_passes_a_layer_no_single_client_move_can():
+  """lam < 0, two clients, every layer affordable: client 1 holds layer 3,
+  which client 0 values more; taking it alone, or dropping it alone, loses
+  the disagreement reward, so only the handover finds the optimum (a
+  reviewer's instance: 2.6818 before the move existed, 2.6878 optimal)."""
+  scores = np.array([[0.5337, 0.0302, 0.2669, 0.0099, 0.1594],
+                     [0.0029, 0.1582, 0.1789, 0.0039, 0.6561]], np.float32)
+  costs, budgets, lam = np.ones(5, np.float32), np.full(2, 5.0, np.float32), -0.2126
+  _, best = sel.solve_p1_brute(scores, costs, budgets, lam)
+  got = np.asarray(sel.solve_p1(scores, costs, budgets, lam))
+  assert exact.p1_objective_np(got, scores, lam) == pytest.approx(best, abs=1e-6)
+  # The move on its own: from the local optimum with layer 3 at client 1.
+  stuck = jnp.asarray([[[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]]], bool)
+  prob = solver.make_problem(scores, costs, budgets, np.float32(lam))
+  new, _, changed = solver.handover_step(prob, stuck, solver.counts_of(stuck))
+  assert bool(changed)
+  np.testing.assert_array_equal(new[0], [[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_handover_never_pays_at_a_client_fixed_point_when_lam_is_not_negative(unit):
+  """Why sweep tries handovers only for lam < 0 (solver_moves.handover_step):
+  at a fixed point of the client moves a handover changes the objective by
+  at most -2 lam."""
+  step = jax.jit(solver.client_sweep)
+  move = jax.jit(solver.handover_step)
+  rng = np.random.default_rng(3)
+  for seed in range(12):
+    lam = float(rng.choice([0.0, 0.01, 0.2]))
+    scores, costs, budgets, _ = _instance(300 + seed, m=6, k=5, unit=unit)
+    prob = solver.make_problem(scores, costs, budgets, np.float32(lam))
+    masks = jnp.asarray(_random_masks(rng, costs, budgets, 3))
+    for _ in range(50):
+      masks, counts, changed = step(prob, masks, solver.counts_of(masks))
+      if not changed:
+        break
+    assert not changed
+    new, _, handed = move(prob, masks, counts)
+    assert not bool(handed), (seed, lam)
 
 
 @pytest.mark.parametrize("lam_sign", [1.0, -1.0])

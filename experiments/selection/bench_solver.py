@@ -76,8 +76,9 @@ def time_solver(scores, costs, budgets, lam, repeats, backward=None):
   return np.asarray(masks), compile_s, float(np.median(times)), float(np.min(times))
 
 
-def small_instance(rng):
-  """The instance family of tests/test_selection.py (M, K <= 6)."""
+def small_instance(rng, lam_range=(0.0, 2.0)):
+  """The instance family of tests/test_selection.py (M, K <= 6); lam uniform
+  in ``lam_range`` (10% exactly 0)."""
   m, k = int(rng.integers(1, 7)), int(rng.integers(1, 7))
   scores = rng.gamma(0.5, size=(m, k)) + 1e-9
   scores = (scores / scores.sum(1, keepdims=True)).astype(np.float32)  # rows sum to 1
@@ -85,17 +86,21 @@ def small_instance(rng):
   costs = (np.ones(k) if kind == 0 else rng.integers(1, 4, k) if kind == 1
            else rng.uniform(0.3, 2.5, k)).astype(np.float32)
   budgets = rng.integers(1, k + 1, m).astype(np.float32)
-  lam = 0.0 if rng.random() < 0.1 else float(rng.uniform(0.0, 2.0))
+  lam = 0.0 if rng.random() < 0.1 else float(rng.uniform(*lam_range))
   return scores, costs, budgets, lam
 
 
-def quality(num_seeds, pad=6):
-  """Optimal fraction and worst gaps of solve_p1 vs brute force."""
+def quality(num_seeds, pad=6, lam_range=(0.0, 2.0)):
+  """Optimal fraction and worst gaps of solve_p1 vs brute force.
+
+  The gap relative to U (the lam = 0 optimum) is reported only when no lam
+  is negative: U bounds P1 from above only for lam >= 0.
+  """
   solve = jax.jit(jax.vmap(lambda s, c, b, l, v: sel.solve_p1(s, c, b, l, client_valid=v)))
   opt, value, bound = [], [], []
   for seed in range(num_seeds):
     rng = np.random.default_rng(seed)
-    instances = [small_instance(rng) for _ in range(500)]
+    instances = [small_instance(rng, lam_range) for _ in range(500)]
     batch = [np.zeros((500, pad, pad), np.float32), np.full((500, pad), 1e9, np.float32),
              np.zeros((500, pad), np.float32), np.zeros(500, np.float32),
              np.zeros((500, pad), bool)]
@@ -113,10 +118,12 @@ def quality(num_seeds, pad=6):
       bound.append(sum(float(np.max(u @ si)) for u, si in zip(subsets, s.astype(np.float64))))
   opt, value, bound = map(np.asarray, (opt, value, bound))
   loss = opt - value
-  return dict(instances=len(opt),
-              optimal=int(np.sum(loss <= 1e-6 * np.maximum(1.0, np.abs(opt)))),
-              max_gap_rel_opt=float(np.max(loss / np.maximum(opt, 1e-12))),
-              max_gap_rel_U=float(np.max(loss / np.maximum(bound, 1e-12))))
+  out = dict(instances=len(opt),
+             optimal=int(np.sum(loss <= 1e-6 * np.maximum(1.0, np.abs(opt)))),
+             max_gap_rel_opt=float(np.max(loss / np.maximum(opt, 1e-12))))
+  if min(lam_range) >= 0:
+    out["max_gap_rel_U"] = float(np.max(loss / np.maximum(bound, 1e-12)))
+  return out
 
 
 def main():
@@ -132,9 +139,12 @@ def main():
   parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
   parser.add_argument("--quality-seeds", type=int, default=0,
                       help="if > 0: only the small-instance check, this many seeds")
+  parser.add_argument("--quality-lam", default="0,2",
+                      help="LO,HI: the small instances' lam range (10%% exactly 0)")
   args = parser.parse_args()
   if args.quality_seeds:
-    print(json.dumps(quality(args.quality_seeds)))
+    lam_range = tuple(float(v) for v in args.quality_lam.split(","))
+    print(json.dumps(quality(args.quality_seeds, lam_range=lam_range)))
     return
 
   rows = []
