@@ -44,7 +44,7 @@ def _feasible(masks, costs, budgets):
 
 
 MOVES = [solver.jacobi_step, solver.client_sweep, solver.layer_sweep, solver.transfer_step,
-         solver.handover_step, solver.sweep]
+         solver.handover_step, solver.swap_step, solver.sweep]
 
 
 @pytest.mark.parametrize("move", MOVES, ids=lambda f: f.__name__)
@@ -183,6 +183,22 @@ def test_handover_passes_a_layer_no_single_client_move_can():
   new, _, changed = solver.handover_step(prob, stuck, solver.counts_of(stuck))
   assert bool(changed)
   np.testing.assert_array_equal(new[0], [[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]])
+
+
+def test_swap_trades_layers_when_no_budget_is_left_for_a_handover():
+  """Budgets of one layer: each client holds the layer the other values; a
+  switch alone loses 2 |lam| of spread reward, the trade gains 1.6."""
+  scores = np.array([[0.1, 0.9], [0.9, 0.1]], np.float32)
+  prob = solver.make_problem(scores, np.ones(2, np.float32), np.ones(2, np.float32),
+                             np.float32(-0.5))
+  stuck = jnp.asarray([[[1, 0], [0, 1]]], bool)
+  assert not bool(solver.handover_step(prob, stuck, solver.counts_of(stuck))[2])
+  assert not bool(solver.client_sweep(prob, stuck, solver.counts_of(stuck))[2])
+  new, _, changed = solver.swap_step(prob, stuck, solver.counts_of(stuck))
+  assert bool(changed)
+  np.testing.assert_array_equal(new[0], [[0, 1], [1, 0]])
+  got = np.asarray(sel.solve_p1(scores, np.ones(2, np.float32), np.ones(2, np.float32), -0.5))
+  np.testing.assert_array_equal(got, [[0, 1], [1, 0]])
 
 
 @pytest.mark.parametrize("unit", [True, False])
