@@ -44,8 +44,11 @@ DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> list[dict]:
   """Runs the configured strategy and each of ``config.compare_strategies``.
 
-  Every run's config is validated and every workdir claimed (locked and
-  checked against its fingerprint) before the first one computes.
+  Every run's config is validated, its set-up built (the data- and
+  model-dependent checks: budgets against the model's layers, the
+  partition, ...) and then every workdir claimed (locked and checked against
+  its fingerprint) before the first one computes, so a config that fails a
+  check writes nothing and ``--restart`` moves nothing aside.
   """
   from fedsel_jax import datasets
   from fedsel_jax import multihost
@@ -61,15 +64,16 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
     datasets.check_available(c.data)
   subs = [workdir if i == 0 else os.path.join(workdir, "compare", e.replace(":", "_"))
           for i, e in enumerate(entries)]
+  setups = [make_setup(c) for c in configs]
   locks = []
   try:
     for c, sub in zip(configs, subs):
       locks.append(train.claim_workdir(c, sub, restart=restart and not locks, quiet=quiet))
     results = []
-    for e, c, sub, lock in zip(entries, configs, subs, locks):
+    for i, (e, c, sub, lock) in enumerate(zip(entries, configs, subs, locks)):
       if not quiet:
         print(f"== {e}: {sub}", flush=True)
-      setup = make_setup(c)
+      setup, setups[i] = setups[i], None   # each run's set-up is freed after it
       if e == "probe":
         final = probe.train_and_evaluate(setup, sub, quiet=quiet)
       else:

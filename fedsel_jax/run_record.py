@@ -239,6 +239,15 @@ def final_metrics(setup, run: RunRecord, ev: dict, params) -> dict[str, Any]:
   return final
 
 
+def read_final(workdir: str) -> dict[str, Any] | None:
+  """final.json of a finished run, or None (absent or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "final.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def write_final(workdir: str, final: dict[str, Any]) -> None:
   """final.json of a finished run (atomically)."""
   def write(tmp):

@@ -105,7 +105,11 @@ class Setup:
     self.spec = models.build_model(config.model, ds.num_classes, ds.train_x.shape[1:])
     init_key = jax.random.fold_in(jax.random.key(seed), 0x1217)
     params = _init_params(self.spec.module, init_key, self.spec.example_input)
-    if config.model.get("pretrained", "") and self.spec.load_pretrained is not None:
+    if config.model.get("pretrained", ""):
+      if self.spec.load_pretrained is None:   # else 'auto' would freeze random embeddings
+        raise ValueError(f"model.pretrained={config.model.pretrained!r}: model.name="
+                         f"{config.model.name!r} loads no pretrained weights; allowed: '' "
+                         "(trained from scratch)")
       params = self.spec.load_pretrained(params)
     self.params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
     self.index = masks_lib.group_index(self.params, self.spec.groups)
@@ -332,7 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   old run aside). ``lock``: a lock from :func:`claim_workdir` already held
   (released here at the end).
   """
-  lock = lock or claim_workdir(config, workdir, restart=restart, quiet=quiet)
+  if lock is None:   # the set-up's checks first: a config that fails one writes nothing
+    setup = setup or Setup(config)
+    lock = claim_workdir(config, workdir, restart=restart, quiet=quiet)
   try:
     setup = setup or Setup(config)
     if config.fl.local_only:
@@ -401,6 +407,9 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
     ev = setup.evaluate(state.params, setup.test_x, setup.test_y)
   final = run_record.final_metrics(setup, run, ev, state.params)
   if primary:
+    kept = run_record.read_final(workdir) if start == num_rounds else None
+    if kept is not None:   # a finished run rerun: its final.json stays as the run wrote it
+      return kept
     run_record.write_final(workdir, final)
   return final
 

@@ -21,6 +21,7 @@ from fedsel_jax import device_data
 from fedsel_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+LAM_MAX = 1e6
 COSTS = ("unit", "params", "flops", "memory")
 BUDGETS = ("fixed", "uniform", "truncnorm")
 DTYPES = ("float32", "bfloat16")
@@ -108,7 +109,10 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "client_optim.momentum": _num(0, 1, strict_hi=True),
     "server_optim.momentum": _num(0, 1, strict_hi=True),
     "client_optim.weight_decay": _num(0), "server_optim.weight_decay": _num(0),
-    "selection.lam": _num(),   # either sign: lam < 0 rewards diversity (F3OCUS)
+    # Either sign: lam < 0 rewards diversity (F3OCUS). Bounded so that lam times
+    # a cohort's pair count stays finite in float32 (scores are normalised per
+    # client, so |lam| of a few already forces consensus or full spread).
+    "selection.lam": _num(-LAM_MAX, LAM_MAX),
     "selection.sel_gap": _int(1), "selection.sel_batches": _int(0),
     "selection.cost": _choice(*COSTS), "selection.check_exact": _bool,
     "selection.solver_starts": _int(1),

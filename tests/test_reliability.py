@@ -454,3 +454,21 @@ def test_bad_workdir_is_one_line(data_dir, tmp_path, capsys, workdir, needle):
                         workdir, f"--config.data.data_dir={data_dir}"])
   (line,) = error_lines(capsys.readouterr().err)
   assert code == 2 and needle in line
+
+
+def test_restart_with_a_config_failing_a_setup_check_moves_nothing(data_dir, tmp_path):
+  """--restart moves the old run aside only once the new config passed every
+  check, including those that need the data or the model."""
+  wd = tmp_path / "run"
+  train.train_and_evaluate(smoke_config(data_dir, **{"fl.num_rounds": 1}), str(wd), quiet=True)
+  before = sorted(os.listdir(wd))
+  final = (wd / "final.json").read_bytes()
+  proc = run_cli(*cli_args(data_dir, wd, "--config.fl.num_rounds=1", "--restart",
+                           "--config.selection.budget.value=10"))
+  assert proc.returncode == 2, proc.stderr
+  assert len(error_lines(proc.stderr)) == 1 and "selection.budget.value=10" in proc.stderr
+  assert sorted(os.listdir(wd)) == before and not glob.glob(str(wd) + ".old-*")
+  # Rerunning the finished run keeps its final.json byte for byte.
+  proc = run_cli(*cli_args(data_dir, wd, "--config.fl.num_rounds=1"))
+  assert proc.returncode == 0, proc.stderr
+  assert (wd / "final.json").read_bytes() == final

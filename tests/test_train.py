@@ -83,14 +83,18 @@ def run_cli(*args, timeout=60):
     ("--config.data.alpha=0", "data.alpha must be > 0"),
     ("--config.selection.lam=inf", "selection.lam must be a finite number"),
     ("--config.model.name=vit", "model.width=16 must be a multiple of model.num_heads=3"),
+    ("--config.selection.lam=1e308", "selection.lam must be <= 1000000.0"),
+    ("--config.model.pretrained=/nonexistent", "model.name='mlp' loads no pretrained weights"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(data_dir, tmp_path, override, needle):
-  proc, seconds = run_cli("--config", "configs/digits.py:smoke", "--workdir", str(tmp_path),
+  workdir = tmp_path / "run"
+  proc, seconds = run_cli("--config", "configs/digits.py:smoke", "--workdir", str(workdir),
                           f"--config.data.data_dir={data_dir}", override)
   assert proc.returncode == 2, proc.stderr
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
-  assert "Traceback" not in proc.stderr
+  assert "Traceback" not in proc.stderr and not proc.stdout.strip(), proc.stdout
+  assert not workdir.exists()   # checks that need the data or the model too: nothing written
 
 
 def test_cli_missing_dataset_fails_fast(tmp_path):
