@@ -316,10 +316,10 @@ def format_row(row: dict) -> str:
 
 def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
   """The whole report as a dict (see the module docstring)."""
-  from fedsel_jax import train   # heavy: datasets, models
+  from fedsel_jax import main as main_lib   # heavy: datasets, models
 
   peer = load_peer(peer_path)       # before set-up: a missing package is said at once
-  setup = train.Setup(config)
+  setup = main_lib.make_setup(config)   # its data- and model-dependent checks: ConfigError
   rd = setup.round_data(0)
   key = jax.random.key(config.seed)
   peak_before = matmul_peak()
@@ -339,37 +339,77 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
   return report
 
 
-def main(argv) -> None:
-  from absl import flags
-  config = flags.FLAGS.config
-  report = run(config, flags.FLAGS.masks, flags.FLAGS.repeats, flags.FLAGS.torch_peer,
-               [int(t) for t in flags.FLAGS.torch_threads])
+USAGE = ("usage: python -m fedsel_jax.bench --config configs/NAME.py[:ARG] [--masks "
+         "config,top2,random] [--repeats N] [--json PATH] [--torch_peer FILE] "
+         "[--torch_threads 1,2] [--config.FIELD=VALUE ...]")
+FLAGS = {"config": True, "masks": True, "repeats": True, "json": True, "torch_peer": True,
+         "torch_threads": True, "help": False}
+DEFAULT_PEER = "experiments/bench/torch_peer.py"
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+  """The bench's arguments, every one checked before any set-up (ConfigError)."""
+  from fedsel_jax import cli
+  from fedsel_jax import errors
+  from fedsel_jax import validate
+  values, overrides = cli.split_argv(argv, FLAGS)
+  if values.get("help"):
+    print(USAGE)
+    sys.exit(0)
+  if not values.get("config"):
+    raise errors.ConfigError(f"--config is required; {USAGE}")
+  config = cli.load_config(values["config"])
+  cli.apply_overrides(config, overrides)
+  validate.validate_config(config)
+  masks = [m for m in values.get("masks", "config,top2").split(",") if m]
+  bad = [m for m in masks if m not in MASK_KINDS] or ([] if masks else ["''"])
+  if bad:
+    raise errors.ConfigError(f"--masks must be a comma list of {list(MASK_KINDS)}, got "
+                             f"{bad[0]!r}")
+  repeats = _positive_int("--repeats", values.get("repeats", "5"))
+  threads = [_positive_int("--torch_threads", t)
+             for t in values.get("torch_threads", "1,2").split(",")]
+  out = values.get("json", "")
+  if out:
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+      raise errors.ConfigError(f"--json {out!r}: not a writable file path (its folder must "
+                               "exist and be writable)")
+  return dict(config=config, masks=masks, repeats=repeats, json=out, threads=threads,
+              peer=values.get("torch_peer", DEFAULT_PEER))
+
+
+def _positive_int(flag: str, text: str) -> int:
+  from fedsel_jax import errors
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise errors.ConfigError(f"{flag} must be an integer >= 1, got {text!r}")
+  return value
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command; bad input is one ``error:`` line and exit code 2, before any set-up."""
+  from fedsel_jax import errors
+  try:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    report = run(args["config"], args["masks"], args["repeats"], args["peer"], args["threads"])
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
   print(f"{report['device']} ({report['cpus']} cpus), jax {report['jax']}, torch "
         f"{report['torch']}, load {report['load']} -> {report['load_after']}, {report['date']}")
   print(f"fp32 matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; settings "
         f"{report['settings']}")
   for row in report["rows"]:
     print(format_row(row))
-  if flags.FLAGS.json:
-    with open(flags.FLAGS.json, "w") as f:
+  if args["json"]:
+    with open(args["json"], "w") as f:
       json.dump(report, f, indent=2, default=float)
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).")
-  flags.DEFINE_list("masks", ["config", "top2"], f"Mask kinds among {MASK_KINDS}.")
-  flags.DEFINE_integer("repeats", 5, "Timed rounds after the first call (median); the loop "
-                       "and torch modes time max(3, repeats // 2).")
-  flags.DEFINE_string("json", "", "Also write the report here.")
-  flags.DEFINE_string("torch_peer", "experiments/bench/torch_peer.py",
-                      "File of the PyTorch peer (skipped if missing or torch is absent).")
-  flags.DEFINE_list("torch_threads", ["1", "2"], "torch thread counts to try.")
-  flags.mark_flag_as_required("config")
+  return 0
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+  sys.exit(main())

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,3 +97,24 @@ def test_a_peer_missing_a_package_is_said_and_skipped(monkeypatch, capsys, tmp_p
   monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
   assert bench.load_peer(str(peer_file)) is None     # no torch: silently no peer
   assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--masks", "bogus"], "--masks must be a comma list"),
+    (["--config.foo=1"], "unknown config field"),
+    (["--repeats", "0"], "--repeats must be an integer >= 1"),
+    (["--json", "/proc/nope/x.json"], "--json '/proc/nope/x.json'"),
+    (["--config.client_optim.lr=-1"], "client_optim.lr"),
+    (["--config.selection.budget.value=9"], "selection.budget.value=9 exceeds"),
+    (["--bogus"], "unknown flag --bogus"),
+])
+def test_bad_input_is_one_line_exit_2_before_any_timing(args, needle):
+  proc = subprocess.run(
+      [sys.executable, "-m", "fedsel_jax.bench", "--config", "configs/digits.py:smoke",
+       "--torch_peer", "", *args], cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+  assert not proc.stdout.strip()
