@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -162,16 +163,24 @@ class RunRecord:
                       self.fingerprint)
 
 
+LOSS_BLOWUP = 100.0   # a finite train loss this many times the first one (and > this) warns
+
+
 class DivergenceGuard:
-  """Counts rounds in a row that changed nothing because every update was non-finite."""
+  """Counts rounds in a row that changed nothing because every update was
+  non-finite (they stop the run), and warns once when the train loss blows
+  up while staying finite (it may still recover, so it does not stop)."""
 
   def __init__(self, config: ml_collections.ConfigDict, setup, workdir: str):
     self.config, self.setup, self.workdir = config, setup, workdir
     self.bad_in_a_row = 0
     self.warned = False
+    self.first_loss = None   # (round, loss) of the first finite train loss seen
+    self.warned_loss = False
     self.last_saved = None
 
   def observe(self, t: int, metrics: dict, quiet: bool) -> None:
+    self._watch_loss(t, float(metrics["train_loss"]), quiet)
     bad_clients = int(metrics["clients_nonfinite"])
     if bad_clients and not self.warned and not quiet:
       self.warned = True
@@ -186,6 +195,21 @@ class DivergenceGuard:
           f"training diverged: rounds {t - limit + 1}-{t} changed nothing (every update "
           f"non-finite, fl.max_bad_rounds={limit}); likely cause: {self.cause(metrics)}; "
           f"the last checkpoint ({saved}) in {self.workdir}/checkpoints holds finite weights")
+
+  def _watch_loss(self, t: int, loss: float, quiet: bool) -> None:
+    if not math.isfinite(loss):
+      return
+    if self.first_loss is None:
+      self.first_loss = (t, loss)
+      return
+    t0, ref = self.first_loss
+    if loss > LOSS_BLOWUP * max(ref, 1.0) and not self.warned_loss and not quiet:
+      self.warned_loss = True
+      c = self.config
+      print(f"warning: round {t}: train loss {loss:.3g} is over {LOSS_BLOWUP:g}x round {t0}'s "
+            f"({ref:.3g}): the run is likely diverging (client_optim.lr={c.client_optim.lr:g}, "
+            f"server_optim.lr={c.server_optim.lr:g}); only non-finite updates stop it "
+            "(fl.max_bad_rounds)", file=sys.stderr, flush=True)
 
   def cause(self, metrics: dict) -> str:
     c = self.config

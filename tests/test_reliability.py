@@ -472,3 +472,15 @@ def test_restart_with_a_config_failing_a_setup_check_moves_nothing(data_dir, tmp
   proc = run_cli(*cli_args(data_dir, wd, "--config.fl.num_rounds=1"))
   assert proc.returncode == 0, proc.stderr
   assert (wd / "final.json").read_bytes() == final
+
+
+def test_a_finite_loss_blowup_is_warned_once(data_dir, tmp_path):
+  """Adam at lr 1e4: the loss explodes but stays finite, so no round is
+  skipped; the run says it is likely diverging (once) and still finishes."""
+  proc = run_cli(*cli_args(data_dir, tmp_path, "--config.client_optim.name=adam",
+                           "--config.client_optim.lr=1e4", "--config.fl.num_rounds=6"))
+  assert proc.returncode == 0, proc.stderr
+  warnings = [l for l in proc.stderr.splitlines() if "likely diverging" in l]
+  assert len(warnings) == 1 and "client_optim.lr=10000" in warnings[0], proc.stderr
+  proc = run_cli(*cli_args(data_dir, tmp_path / "calm", "--config.fl.num_rounds=6"))
+  assert proc.returncode == 0 and "likely diverging" not in proc.stderr, proc.stderr
