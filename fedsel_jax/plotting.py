@@ -282,7 +282,8 @@ def lambda_figure(series: list[Series], path: str) -> str | None:
   import matplotlib.pyplot as plt
   from matplotlib.ticker import FixedLocator, NullLocator
   from fedsel_jax import stats
-  if not any(LAM in s.values for s in series):
+  series = [s for s in series if LAM in s.values]   # a single run beside a sweep has no lambda
+  if not series:
     return None
   lines: dict[tuple, list[Series]] = {}
   for s in series:

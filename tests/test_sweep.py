@@ -182,6 +182,10 @@ def test_summary_and_figures_regenerate_from_files(swept, tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == [
       "accuracy.png", "errors.png", "lambda.png", "loss.png", "selection.png"]
   assert all(os.path.getsize(p) > 10_000 for p in paths)
+  # A single run overlaid on the sweep: every figure, the lambda one from the sweep's runs.
+  both = plot_cli.main([swept, os.path.join(swept, rows[0]["member"]), "--out",
+                        str(tmp_path / "both")])
+  assert sorted(os.path.basename(p) for p in both) == sorted(os.path.basename(p) for p in paths)
 
 
 def _events(path):
