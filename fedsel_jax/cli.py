@@ -90,6 +90,11 @@ def parse_value(field: str, text: str, current: Any) -> Any:
     return ConfigError(f"--config.{field}={text} is not {kind} (the field is "
                        f"{type(current).__name__}, e.g. {current!r})")
 
+  if isinstance(current, ml_collections.ConfigDict):
+    names = sorted(current.keys())
+    raise ConfigError(f"--config.{field}={text}: {field} is a group of fields, not a value; "
+                      f"set one of them, e.g. --config.{field}.{names[0]}=... (fields: "
+                      f"{', '.join(names)})")
   prefix = _INT_OR_TEXT.get(field)
   if prefix and text.strip().startswith(prefix):
     return text.strip()

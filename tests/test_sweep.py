@@ -103,13 +103,16 @@ def test_killed_sweep_resumes_to_the_same_results(data_dir, swept, tmp_path):
     ("selection.lamda=0,1", "unknown config field 'selection.lamda'"),
     ("fl.num_rounds=2,2.5", "fl.num_rounds must be an int, got '2.5'"),
     ("selection.lam=", "selection.lam has an empty list"),
+    # A member failing a check that needs the model (3 candidate layers): before any training.
+    ("selection.budget.value=1,10", "selection.budget.value=10 exceeds"),
 ])
 def test_bad_sweep_input_is_one_line_exit_2(data_dir, tmp_path, sweep, needle):
-  proc = cli("sweep", *smoke_args(data_dir, tmp_path), "--sweep", sweep, timeout=120)
+  workdir = tmp_path / "sweep"
+  proc = cli("sweep", *smoke_args(data_dir, workdir), "--sweep", sweep, timeout=120)
   assert proc.returncode == 2, proc.stderr
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
-  assert not os.path.exists(tmp_path / "sweep.json")
+  assert not proc.stdout.strip() and not workdir.exists(), proc.stdout
 
 
 def test_axes_members_and_groups():

@@ -85,6 +85,7 @@ def run_cli(*args, timeout=60):
     ("--config.model.name=vit", "model.width=16 must be a multiple of model.num_heads=3"),
     ("--config.selection.lam=1e308", "selection.lam must be <= 1000000.0"),
     ("--config.model.pretrained=/nonexistent", "model.name='mlp' loads no pretrained weights"),
+    ("--config.selection=3", "selection is a group of fields, not a value"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(data_dir, tmp_path, override, needle):
   workdir = tmp_path / "run"
