@@ -28,6 +28,7 @@ import numpy as np
 from fedsel_jax import client as client_lib
 from fedsel_jax import data as data_lib
 from fedsel_jax import federated
+from fedsel_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -177,8 +178,8 @@ def train_and_evaluate(setup, workdir: str, quiet: bool = False) -> dict[str, An
            "client_test_accuracy": spread(test_acc)}
   if setup.holdout is not None:
     final["client_holdout_accuracy"] = spread(held_acc)
-  with open(os.path.join(workdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  with open(os.path.join(workdir, "final.json"), "w") as f:   # strict JSON: NaN as null
+    json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
   with open(os.path.join(workdir, "clients.csv"), "w") as f:
     f.write("client,num_examples,train_loss,test_accuracy,holdout_accuracy\n")
     for i in range(n):

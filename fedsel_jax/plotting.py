@@ -47,9 +47,12 @@ def results_table(results: list[dict]) -> str:
   """A Markdown table of final test accuracy per strategy."""
   lines = ["| strategy | rounds | test accuracy | test loss | s/round (median) |",
            "|---|---|---|---|---|"]
+  def num(x, digits: int) -> str:   # NaN or null (final.json): not computed
+    return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
   for r in results:
-    lines.append(f"| {r['strategy']} | {r['rounds']} | {r['test_accuracy']:.4f} | "
-                 f"{r['test_loss']:.4f} | {r['median_seconds_per_round']:.3f} |")
+    lines.append(f"| {r['strategy']} | {r['rounds']} | {num(r['test_accuracy'], 4)} | "
+                 f"{num(r['test_loss'], 4)} | {num(r['median_seconds_per_round'], 3)} |")
   return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from fedsel_jax import local_only
+from fedsel_jax import workdir as workdir_lib
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -106,6 +107,6 @@ def train_and_evaluate(setup, workdir: str, quiet: bool = False) -> dict[str, An
   if not quiet:
     print(f"probe: test accuracy {final['test_accuracy']:.4f} (C={best}, "
           f"{len(y_train)} rows, {final['seconds']} s)", flush=True)
-  with open(os.path.join(workdir, "final.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  with open(os.path.join(workdir, "final.json"), "w") as f:   # strict JSON: NaN as null
+    json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
   return final

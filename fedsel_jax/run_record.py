@@ -276,7 +276,7 @@ def write_final(workdir: str, final: dict[str, Any]) -> None:
   """final.json of a finished run (atomically)."""
   def write(tmp):
     with open(tmp, "w") as f:
-      json.dump(final, f, indent=2)
+      json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
   write_atomic(os.path.join(workdir, "final.json"), write)
 
 

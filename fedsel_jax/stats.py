@@ -69,7 +69,7 @@ def member_row(member_dir: str, values: dict[str, Any]) -> dict[str, Any]:
   row: dict[str, Any] = dict(values)
   row["member"] = os.path.basename(member_dir)
   for k in FINAL_METRICS + COST_TOTALS:
-    row[k] = final.get(k, "")
+    row[k] = "" if final.get(k) is None else final[k]   # null: not computed
   row["rounds"] = final.get("rounds", len(rounds))
   row["diverged"] = reason
   for k in ROUND_MEANS:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -198,6 +199,19 @@ def rounds_done(workdir: str) -> int:
   folder = os.path.join(workdir, "checkpoints")
   steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
   return max(steps, default=0)
+
+
+
+def json_safe(obj: Any) -> Any:
+  """``obj`` with every non-finite float as None, for strict JSON files
+  (``final.json``: NaN means "not computed", e.g. the probe's test loss)."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 def check_fingerprint(workdir: str, config: ml_collections.ConfigDict) -> bool:

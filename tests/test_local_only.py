@@ -112,6 +112,11 @@ def test_one_command_gives_federated_local_and_probe_rows(data_dir, tmp_path):
     assert 0 <= r["test_accuracy"] <= 1
     assert 0 <= r["client_holdout_accuracy"]["mean"] <= 1
   assert os.path.exists(tmp_path / "compare" / "local_top" / "clients.csv")
+  # Strict JSON: what was not computed is null, not a bare NaN.
+  for sub, field in (("local_top", "test_loss"), ("probe", "median_seconds_per_round")):
+    with open(tmp_path / "compare" / sub / "final.json") as f:
+      final = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{sub}: bare {c}"))
+    assert final[field] is None
   assert results[-1]["num_train"] == int(train.Setup(config).clients.num_examples.sum())
 
 
