@@ -139,8 +139,10 @@ class Setup:
         self.params, self.index, self.k, self.flops, local_steps=config.fl.local_steps,
         batch_size=config.fl.batch_size, sel_batches=sel.sel_batches,
         n_max=self.clients.mask.shape[1])
-    if sel.cost == "unit" and b.kind == "fixed" and b.value > self.k:
-      raise ConfigError(f"selection.budget.value={b.value} exceeds the {self.k} candidate "
+    # Unit budgets count layers: one above K is a mistake, whichever way it is drawn.
+    field, top = ("value", b.value) if b.kind == "fixed" else ("high", b.high)
+    if sel.cost == "unit" and top > self.k:
+      raise ConfigError(f"selection.budget.{field}={top} exceeds the {self.k} candidate "
                         f"layers of model {config.model.name!r}")
     selection.check_budgets(self.budgets, self.costs, self.backward)
 

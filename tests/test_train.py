@@ -86,11 +86,13 @@ def run_cli(*args, timeout=60):
     ("--config.selection.lam=1e308", "selection.lam must be <= 1000000.0"),
     ("--config.model.pretrained=/nonexistent", "model.name='mlp' loads no pretrained weights"),
     ("--config.selection=3", "selection is a group of fields, not a value"),
+    ("--config.selection.budget.kind=uniform --config.selection.budget.high=10",
+     "selection.budget.high=10 exceeds the 3"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(data_dir, tmp_path, override, needle):
   workdir = tmp_path / "run"
   proc, seconds = run_cli("--config", "configs/digits.py:smoke", "--workdir", str(workdir),
-                          f"--config.data.data_dir={data_dir}", override)
+                          f"--config.data.data_dir={data_dir}", *override.split())
   assert proc.returncode == 2, proc.stderr
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
