@@ -14,7 +14,8 @@ What a user gets (never a traceback):
 * bad input, missing data, a workdir in use or holding another run: one
   ``error: ...`` line, exit code 2, before any compute;
 * ``fl.max_bad_rounds`` rounds in a row without a finite update: one
-  ``error: training diverged ...`` line, exit code 3, the checkpoints intact;
+  ``error: training diverged ...`` line, exit code 3, the checkpoints intact
+  (a loss that blows up but stays finite: one ``warning:`` line, no stop);
 * SIGINT / SIGTERM: ``interrupted at round r; rerun the same command to
   resume``, exit code 130 / 143;
 * an I/O failure (disk full, permission): one ``error:`` line naming the
