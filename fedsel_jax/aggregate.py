@@ -58,8 +58,11 @@ def accumulate(agg: AggState, deltas: PyTree, masks: jax.Array, weights: jax.Arr
   Args:
     agg: running sums.
     deltas: pytree with a leading client axis ``[C, ...]``; entries of leaves
-      a client did not train are ignored, and ``None`` leaves (outside the
-      chunk's client-update variant) add nothing.
+      a client did not train get weight 0, and ``None`` leaves (outside the
+      chunk's client-update variant) add nothing. Every entry must be finite
+      (a weight of 0 does not cancel a NaN): in a round, ``client_update``
+      makes untrained entries exactly 0 and ``drop_nonfinite`` removes
+      non-finite clients before this.
     masks: bool[C, K] each client's trained candidate layers.
     weights: f32[C] aggregation weights (example counts; 0 = padding client).
     index: static leaf -> group table.
