@@ -361,7 +361,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
   config = cli.load_config(values["config"])
   cli.apply_overrides(config, overrides)
   validate.validate_config(config)
-  masks = [m for m in values.get("masks", "config,top2").split(",") if m]
+  masks = [m.strip() for m in values.get("masks", "config,top2").split(",") if m.strip()]
   bad = [m for m in masks if m not in MASK_KINDS] or ([] if masks else ["''"])
   if bad:
     raise errors.ConfigError(f"--masks must be a comma list of {list(MASK_KINDS)}, got "
@@ -372,7 +372,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
   out = values.get("json", "")
   if out:
     folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if (os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)
+        or (os.path.exists(out) and not os.access(out, os.W_OK))):
       raise errors.ConfigError(f"--json {out!r}: not a writable file path (its folder must "
                                "exist and be writable)")
   return dict(config=config, masks=masks, repeats=repeats, json=out, threads=threads,

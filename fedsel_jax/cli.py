@@ -91,7 +91,7 @@ def parse_value(field: str, text: str, current: Any) -> Any:
                        f"{type(current).__name__}, e.g. {current!r})")
 
   if isinstance(current, ml_collections.ConfigDict):
-    names = sorted(current.keys())
+    names = sorted(current.keys()) or ["FIELD"]
     raise ConfigError(f"--config.{field}={text}: {field} is a group of fields, not a value; "
                       f"set one of them, e.g. --config.{field}.{names[0]}=... (fields: "
                       f"{', '.join(names)})")

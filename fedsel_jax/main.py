@@ -65,7 +65,11 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
     datasets.check_available(c.data)
   subs = [workdir if i == 0 else os.path.join(workdir, "compare", e.replace(":", "_"))
           for i, e in enumerate(entries)]
-  setups = [make_setup(c) for c in configs]
+  # The first run's set-up is kept; the others are built for their checks and
+  # dropped (rebuilt in turn), so one set-up at a time holds memory.
+  setups = [make_setup(configs[0])] + [None] * (len(configs) - 1)
+  for c in configs[1:]:
+    make_setup(c)
   locks = []
   try:
     for c, sub in zip(configs, subs):
@@ -74,7 +78,7 @@ def run(config, workdir: str, restart: bool = False, quiet: bool = False) -> lis
     for i, (e, c, sub, lock) in enumerate(zip(entries, configs, subs, locks)):
       if not quiet:
         print(f"== {e}: {sub}", flush=True)
-      setup, setups[i] = setups[i], None   # each run's set-up is freed after it
+      setup, setups[i] = setups[i] or make_setup(c), None   # freed after its run
       if e == "probe":
         final = probe.train_and_evaluate(setup, sub, quiet=quiet)
       else:

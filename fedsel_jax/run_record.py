@@ -196,6 +196,17 @@ class DivergenceGuard:
           f"non-finite, fl.max_bad_rounds={limit}); likely cause: {self.cause(metrics)}; "
           f"the last checkpoint ({saved}) in {self.workdir}/checkpoints holds finite weights")
 
+  def seed_loss(self, rows: list[dict]) -> None:
+    """Takes the loss reference from the rows of the rounds already done (a resume)."""
+    for r in rows:
+      try:
+        loss = float(r.get("train_loss", "nan"))
+      except (TypeError, ValueError):
+        continue
+      if math.isfinite(loss):
+        self.first_loss = (int(r["round"]), loss)
+        return
+
   def _watch_loss(self, t: int, loss: float, quiet: bool) -> None:
     if not math.isfinite(loss):
       return

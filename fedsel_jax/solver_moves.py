@@ -282,9 +282,12 @@ def handover_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   del counts
   num_layers = masks.shape[-1]
   valid = prob.valid[None, :, None]
-  is_l = jnp.eye(num_layers, dtype=bool)
-  # can[p, j, l]: client j, holding its masks plus l, stays within budget.
-  with_l = prob.set_cost(masks[..., None, :] | is_l)  # [P, M, K]
+  # with_l[p, j, l]: client j's cost holding its masks plus l (set_cost's
+  # additive part, plus depth-aware: the backward pass down to the new lowest).
+  with_l = jnp.sum(jnp.where(masks, prob.costs, 0.0), axis=-1)[..., None] + prob.costs
+  if prob.depth:
+    lowest = costs_lib.lowest_selected(masks)[..., None]  # [P, M, 1], K if none
+    with_l = with_l + prob.backward[jnp.minimum(lowest, jnp.arange(num_layers))]
   receivers = valid & ~masks & (with_l <= prob.budgets[None, :, None])
   givers = valid & masks
   take = jnp.where(receivers, prob.scores, -jnp.inf)

@@ -94,14 +94,8 @@ def _setup(member):
 
 
 def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
-              done: set[str], setups: dict | None = None) -> None:
-  """Trains a group's unfinished members: vmapped if more than one, else alone.
-
-  ``setups``: member name -> its ``train.Setup`` built beforehand (taken out
-  of the dict as used); members missing from it are set up here.
-  """
-  setups = {} if setups is None else setups
-  setup_of = lambda m: setups.pop(m.name, None) or _setup(m)
+              done: set[str]) -> None:
+  """Trains a group's unfinished members: vmapped if more than one, else alone."""
   from fedsel_jax import errors
   from fedsel_jax import run_record
   from fedsel_jax import train
@@ -114,11 +108,11 @@ def run_group(group: list[sweep_spec.Member], workdir: str, run_chunk: int,
     print(f"== {m.name}", flush=True)
     wd = os.path.join(workdir, m.name)
     try:
-      train.train_and_evaluate(m.config, wd, setup=setup_of(m))
+      train.train_and_evaluate(m.config, wd, setup=_setup(m))
     except errors.DivergedError as e:   # one member's divergence does not stop the sweep
       run_record.record_diverged(wd, e)
     return
-  setups = [setup_of(m) for m in todo]
+  setups = [_setup(m) for m in todo]
   # One shape for the whole group: pad every run's example axis to the largest.
   n_max = max(s.clients.mask.shape[1] for s in setups)
   # Runs that differ in lambda or learning rates alone see the same round data.
@@ -141,12 +135,14 @@ def run(config, workdir: str, specs: list[str], baseline: str | None = None,
   # A member directory holding another run is refused here, before any compute,
   # and so is a member failing a data- or model-dependent check: nothing written.
   done = {m.name for m in members if _is_done(m, os.path.join(workdir, m.name))}
-  setups = {m.name: _setup(m) for m in members if m.name not in done}
+  for m in members:   # built for their checks and dropped: a group holds only its own
+    if m.name not in done:
+      _setup(m)
   print(f"{len(members)} members in {len(groups)} program(s) -> {workdir}", flush=True)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   for group in groups:
-    run_group(group, workdir, run_chunk, done, setups)
+    run_group(group, workdir, run_chunk, done)
   print(f"trained in {time.perf_counter() - t0:.1f} s", flush=True)
   rows = stats.write_summary(workdir, axes, members, base)
   print(stats.markdown_summary(rows, axes, base), flush=True)

@@ -366,6 +366,7 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   run.tensorboard.start(start)
   guard = run_record.DivergenceGuard(config, setup, workdir)
   guard.last_saved = start if start else None
+  guard.seed_loss(run.rows)   # a resumed run compares its losses with its first round's
   key = jax.random.key(config.seed)
   num_rounds = config.fl.num_rounds
   # A live bar on a terminal; one plain line per evaluation in logs and CI.
@@ -410,8 +411,8 @@ def _train(config, workdir: str, setup: "Setup", quiet: bool) -> dict[str, Any]:
   final = run_record.final_metrics(setup, run, ev, state.params)
   if primary:
     kept = run_record.read_final(workdir) if start == num_rounds else None
-    if kept is not None:   # a finished run rerun: its final.json stays as the run wrote it
-      return kept
+    if kept is not None and kept.get("rounds") == num_rounds:
+      return kept   # a finished run rerun: its final.json stays as the run wrote it
     run_record.write_final(workdir, final)
   return final
 

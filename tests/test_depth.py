@@ -131,3 +131,34 @@ def test_every_budgeted_strategy_respects_depth_aware_budgets(strategy):
   np.testing.assert_array_equal(masks[0], [False, False, False, True])
   if strategy == "bottom":
     assert masks[3, 0] and not masks[2, 0]
+
+
+@pytest.mark.parametrize("move", ["handover_step", "swap_step"])
+def test_spreading_moves_respect_depth_aware_budgets(move):
+  """From feasible random masks (lam < 0), a handover or swap never breaks a
+  depth-aware budget or lowers the objective, and some do move."""
+  import jax
+  import jax.numpy as jnp
+  from fedsel_jax import solver
+  step = jax.jit(getattr(solver, move))
+  rng, moved = np.random.default_rng(11), 0
+  for seed in range(20):
+    m, k = int(rng.integers(2, 7)), int(rng.integers(2, 6))
+    scores, model, budgets, lam = _depth_instance(seed, m, k, -0.3)
+    prob = solver.make_problem(scores, model.weight.astype(np.float32), budgets,
+                               np.float32(lam), backward=model.backward.astype(np.float32))
+    masks = np.zeros((3, m, k), bool)
+    for p, i in itertools.product(range(3), range(m)):
+      for l in rng.permutation(k):   # add layers while the set stays affordable
+        trial = masks[p, i].copy()
+        trial[l] = rng.random() < 0.6
+        if _feasible(trial[None], model, budgets[i:i + 1]):
+          masks[p, i] = trial
+    new, _, changed = step(prob, jnp.asarray(masks), solver.counts_of(jnp.asarray(masks)))
+    new = np.asarray(new)
+    assert all(_feasible(new[p], model, budgets) for p in range(3))
+    before = [exact.p1_objective_np(x, scores, lam) for x in masks]
+    after = [exact.p1_objective_np(x, scores, lam) for x in new]
+    assert np.all(np.asarray(after) >= np.asarray(before) - 1e-6)
+    moved += bool(changed)
+  assert moved > 0

@@ -472,6 +472,14 @@ def test_restart_with_a_config_failing_a_setup_check_moves_nothing(data_dir, tmp
   proc = run_cli(*cli_args(data_dir, wd, "--config.fl.num_rounds=1"))
   assert proc.returncode == 0, proc.stderr
   assert (wd / "final.json").read_bytes() == final
+  # A final.json of fewer rounds (a run extended, killed before writing its
+  # new one) is not kept: the rerun writes this run's.
+  stale = json.loads(final)
+  stale["rounds"] = 0
+  (wd / "final.json").write_text(json.dumps(stale))
+  proc = run_cli(*cli_args(data_dir, wd, "--config.fl.num_rounds=1"))
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads((wd / "final.json").read_text())["rounds"] == 1
 
 
 def test_a_finite_loss_blowup_is_warned_once(data_dir, tmp_path):
