@@ -46,7 +46,6 @@ import numpy as np
 from fedsel_jax import aggregate
 from fedsel_jax import device_data
 from fedsel_jax import flops as flops_lib
-from fedsel_jax import federated
 from fedsel_jax import client as client_lib
 
 PyTree = Any
@@ -352,12 +351,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
   from fedsel_jax import cli
   from fedsel_jax import errors
   from fedsel_jax import validate
-  values, overrides = cli.split_argv(argv, FLAGS)
-  if values.get("help"):
-    print(USAGE)
-    sys.exit(0)
-  if not values.get("config"):
-    raise errors.ConfigError(f"--config is required; {USAGE}")
+  values, overrides = cli.parse_command(argv, FLAGS, USAGE)
   config = cli.load_config(values["config"])
   cli.apply_overrides(config, overrides)
   validate.validate_config(config)

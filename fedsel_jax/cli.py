@@ -20,6 +20,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import sys
 from typing import Any, Iterable
 
 import ml_collections
@@ -157,6 +158,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     if not sep or not field:
       raise ConfigError(f"--config.{item}: expected --config.FIELD=VALUE")
     set_field(config, field, parse_value(field, text, get_field(config, field)))
+
+
+def parse_command(argv: list[str], flags: dict[str, bool], usage: str,
+                  required: Iterable[str] = ("config",)) -> tuple[dict[str, Any], list[str]]:
+  """:func:`split_argv` for a command: ``--help`` prints ``usage`` and exits 0,
+  and each flag in ``required`` must be given (ConfigError naming it)."""
+  values, overrides = split_argv(argv, flags)
+  if values.get("help"):
+    print(usage)
+    sys.exit(0)
+  for name in required:
+    if not values.get(name):
+      raise ConfigError(f"--{name} is required; {usage}")
+  return values, overrides
 
 
 def split_argv(argv: list[str], flags: dict[str, bool]) -> tuple[dict[str, Any], list[str]]:

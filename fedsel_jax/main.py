@@ -162,12 +162,7 @@ def parse(argv: list[str]):
   from fedsel_jax import cli
   from fedsel_jax import errors
   from fedsel_jax import validate
-  values, overrides = cli.split_argv(argv, FLAGS)
-  if values.get("help"):
-    print(USAGE)
-    sys.exit(0)
-  if not values.get("config"):
-    raise errors.ConfigError(f"--config is required; {USAGE}")
+  values, overrides = cli.parse_command(argv, FLAGS, USAGE)
   if values.get("workdir") is None and not values.get("check_only"):
     raise errors.ConfigError(f"--workdir is required; {USAGE}")
   config = cli.load_config(values["config"])

@@ -261,8 +261,7 @@ def transfer_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   layer = jnp.arange(num_layers)
   leave = (movers | with_drop[:, None])[..., None] & (layer == source[:, None, None])
   join = movers[..., None] & (layer == target[:, None, None])
-  masks = jnp.where(accept[:, None, None], (masks & ~leave) | join, masks)
-  return masks, counts_of(masks), jnp.any(accept)
+  return _apply(masks, accept, leave, join)
 
 
 def handover_step(prob: Problem, masks: jax.Array, counts: jax.Array):
@@ -302,8 +301,7 @@ def handover_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   column = (jnp.arange(num_layers) == layer[:, None])[:, None, :]
   leave = column & (clients == pick(giver)[:, None, None])
   join = column & (clients == pick(receiver)[:, None, None])
-  masks = jnp.where(accept[:, None, None], (masks & ~leave) | join, masks)
-  return masks, counts_of(masks), jnp.any(accept)
+  return _apply(masks, accept, leave, join)
 
 
 def swap_step(prob: Problem, masks: jax.Array, counts: jax.Array):
@@ -343,8 +341,17 @@ def swap_step(prob: Problem, masks: jax.Array, counts: jax.Array):
   layer = jnp.arange(num_layers)[None, None, :]
   col_a, col_b = layer == a[:, None, None], layer == b[:, None, None]
   at_i, at_j = clients == i[:, None, None], clients == j[:, None, None]
-  traded = (masks & ~((at_i & col_a) | (at_j & col_b))) | (at_i & col_b) | (at_j & col_a)
-  masks = jnp.where(accept[:, None, None], traded, masks)
+  return _apply(masks, accept, (at_i & col_a) | (at_j & col_b), (at_i & col_b) | (at_j & col_a))
+
+
+def _apply(masks: jax.Array, accept: jax.Array, leave: jax.Array, join: jax.Array):
+  """A coordinated move's result: the cells in ``leave`` dropped and those in
+  ``join`` taken, in the starts that ``accept`` it (bool[P]).
+
+  Returns:
+    ``(masks, counts, changed bool)``.
+  """
+  masks = jnp.where(accept[:, None, None], (masks & ~leave) | join, masks)
   return masks, counts_of(masks), jnp.any(accept)
 
 

@@ -154,13 +154,7 @@ def parse(argv: list[str]):
   """(config, workdir, sweep specs, baseline, run_chunk, vmap) or ConfigError."""
   from fedsel_jax import cli
   from fedsel_jax import errors
-  values, overrides = cli.split_argv(argv, FLAGS)
-  if values.get("help"):
-    print(USAGE)
-    sys.exit(0)
-  for name in ("config", "workdir"):
-    if not values.get(name):
-      raise errors.ConfigError(f"--{name} is required; {USAGE}")
+  values, overrides = cli.parse_command(argv, FLAGS, USAGE, required=("config", "workdir"))
   config = cli.load_config(values["config"])
   cli.apply_overrides(config, overrides)
   try:

@@ -341,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if lock is None:   # the set-up's checks first: a config that fails one writes nothing
     setup = setup or Setup(config)
     lock = claim_workdir(config, workdir, restart=restart, quiet=quiet)
-  try:
+  try:   # a lock held by the caller is released whatever fails here
     setup = setup or Setup(config)
     if config.fl.local_only:
       return local_only.train_and_evaluate(setup, lock.workdir, quiet=quiet)
