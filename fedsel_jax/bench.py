@@ -19,9 +19,11 @@ For each mask kind it times, on the config's round-0 clients and data:
 and prints samples/s = M * tau * B / median seconds, the ratios, executed
 FLOPs (XLA cost analysis of each chunk's client-update variant, summed over
 the round's chunks) against the analytic FLOPs the masks need, MFU (the median
-round against the best matmul seen, so if anything an underestimate) against an
-fp32 matmul peak measured in the same run, peak memory (process RSS high-water
-mark during each mode, and XLA's memory analysis of the compiled round) and
+round against the best matmul seen, so if anything an underestimate) against a
+matmul peak in the model's compute dtype measured in the same run, peak memory
+(process RSS high-water mark during each mode; on an accelerator also the
+device's peak memory in use, JAX's and torch's, which the memory ratio then
+uses; and XLA's memory analysis of the compiled round) and
 the compile time. Mask kinds: ``config`` (what the config's own selection
 picks in round 0), ``top2`` (consensus: every client trains the top 2 blocks),
 ``random`` (1-2 random blocks per client, seeded).
@@ -34,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -47,56 +48,11 @@ from fedsel_jax import aggregate
 from fedsel_jax import device_data
 from fedsel_jax import flops as flops_lib
 from fedsel_jax import client as client_lib
+from fedsel_jax.timing import device_peak_mb
+from fedsel_jax.timing import matmul_peak, paired_ratio, peak_sizes, timed
 
 PyTree = Any
 MASK_KINDS = ("config", "top2", "random")
-
-
-def _clear_peak_rss() -> None:
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")          # resets VmHWM (Linux >= 4.0)
-  except OSError:
-    pass
-
-
-def _peak_rss_mb() -> float:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.
-  except OSError:
-    pass
-  return float("nan")
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
-  """First call and the median/min/max of ``repeats`` further calls (seconds)."""
-  _clear_peak_rss()
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return dict(first_s=first, median_s=statistics.median(times), min_s=min(times),
-              max_s=max(times), peak_rss_mb=_peak_rss_mb())
-
-
-def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
-  """Measured fp32 matmul FLOP/s of the default device: the best of ``repeats``
-  timed products at each size (a peak, so the fastest run, not the median:
-  on a shared machine a median can fall below what the round itself reaches)."""
-  best = 0.
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    res = timed(lambda: mm(a), repeats)
-    best = max(best, 2 * n ** 3 / res["min_s"])
-  return best
 
 
 def bench_masks(setup, kind: str, rd: dict, key: jax.Array) -> np.ndarray:
@@ -158,6 +114,7 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
   res = timed(lambda: compiled(next(it), dev_rd, *extra, key)[0].params, repeats)
   res["compile_s"] = compile_s
   res["round_data"] = "device store" if setup.uses_store else "host"
+  res["device_peak_mb"] = device_peak_mb()
   if mem is not None:
     res["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
     res["xla_args_mb"] = mem.argument_size_in_bytes / 2 ** 20
@@ -168,24 +125,6 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
             for st in [make_state() for _ in range(n)]]
 
   return res, round_calls
-
-
-def paired_ratio(round_thunks: list, peer_fn: Callable[[], Any], peer: str) -> dict:
-  """Round and peer called alternately; ``peer seconds / round seconds`` per pair.
-
-  A drift of the machine's speed during the run (a shared host) moves both
-  sides of a pair alike, where the separate blocks of ``timed`` can land in
-  different phases of it.
-  """
-  ratios = []
-  for call in round_thunks:
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    t1 = time.perf_counter()
-    jax.block_until_ready(peer_fn())
-    ratios.append((time.perf_counter() - t1) / (t1 - t0))
-  return dict(peer=peer, ratios=ratios, median=statistics.median(ratios), min=min(ratios),
-              max=max(ratios))
 
 
 def per_client_loop(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict:
@@ -259,7 +198,11 @@ def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> d
     except NotImplementedError as e:        # the peer builds BERT-family models only
       row["torch_skipped"] = str(e)
       break
+    reset = getattr(peer, "reset_device_peak", lambda: None)
+    reset()
     row["modes"][f"torch_{t}"] = timed(fn, slow)
+    row["modes"][f"torch_{t}"]["device_peak_mb"] = getattr(peer, "device_peak_mb",
+                                                           lambda: None)()
   if peers:                                 # the best thread count, alternated with the round
     best = min(peers, key=lambda name: row["modes"][name]["median_s"])
     row["paired"] = paired_ratio(round_calls(slow), peers[best], best)
@@ -279,8 +222,13 @@ def summarize(row: dict, peak: float) -> dict:
   torch = [v["median_s"] for k, v in modes.items() if k.startswith("torch_")]
   if torch:
     row["speedup_over_torch_best"] = min(torch) / rt
-    row["memory_over_torch"] = modes["round"]["peak_rss_mb"] / min(
-        v["peak_rss_mb"] for k, v in modes.items() if k.startswith("torch_"))
+    # Device memory where both sides report it (a GPU), else the process's RSS.
+    key = ("device_peak_mb" if modes["round"].get("device_peak_mb") and all(
+        v.get("device_peak_mb") for k, v in modes.items() if k.startswith("torch_"))
+           else "peak_rss_mb")
+    row["memory_measure"] = key
+    row["memory_over_torch"] = modes["round"][key] / min(
+        v[key] for k, v in modes.items() if k.startswith("torch_"))
   row["executed_over_needed"] = row["executed_flops"] / row["needed_flops"]
   row["mfu_needed"] = row["needed_flops"] / rt / peak
   row["mfu_executed"] = row["executed_flops"] / rt / peak
@@ -298,7 +246,9 @@ def format_row(row: dict) -> str:
                  f"  first call {r['first_s']:.1f} s{extra}")
   lines.append(f"  round vs loop {row['speedup_over_loop']:.2f}x" + (
       f"; vs best torch {row['speedup_over_torch_best']:.2f}x, memory "
-      f"{row['memory_over_torch']:.2f}x torch" if "speedup_over_torch_best" in row else ""))
+      f"{row['memory_over_torch']:.2f}x torch"
+      f"{' (device)' if row.get('memory_measure') == 'device_peak_mb' else ''}"
+      if "speedup_over_torch_best" in row else ""))
   if "paired" in row:
     pr = row["paired"]
     lines.append(f"  round vs {pr['peer']}, alternated: {pr['median']:.2f}x "
@@ -321,7 +271,8 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
   setup = main_lib.make_setup(config)   # its data- and model-dependent checks: ConfigError
   rd = setup.round_data(0)
   key = jax.random.key(config.seed)
-  peak_before = matmul_peak()
+  dtype = config.model.get("dtype", "float32")
+  peak_before = matmul_peak(peak_sizes(), dtype=dtype)
   report = dict(
       device=jax.devices()[0].device_kind, platform=platform.platform(),
       jax=jax.__version__, cpus=os.cpu_count(), load=os.getloadavg(),
@@ -331,7 +282,8 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
       command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]))
   rows = [bench_one(setup, kind, rd, key, repeats, peer, threads) for kind in mask_kinds]
   # Measured before and after the modes: the MFUs use the higher (a peak).
-  report["matmul_peak_samples"] = [peak_before, matmul_peak()]
+  report["matmul_peak_samples"] = [peak_before, matmul_peak(peak_sizes(), dtype=dtype)]
+  report["matmul_peak_dtype"] = dtype
   report["matmul_peak_flops"] = max(report["matmul_peak_samples"])
   report["rows"] = [summarize(row, report["matmul_peak_flops"]) for row in rows]
   report["load_after"] = os.getloadavg()
@@ -396,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     return e.exit_code
   print(f"{report['device']} ({report['cpus']} cpus), jax {report['jax']}, torch "
         f"{report['torch']}, load {report['load']} -> {report['load_after']}, {report['date']}")
-  print(f"fp32 matmul peak {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; settings "
+  print(f"{report['matmul_peak_dtype']} matmul peak {report['matmul_peak_flops'] / 1e9:.0f} "
+        f"GFLOP/s; settings "
         f"{report['settings']}")
   for row in report["rows"]:
     print(format_row(row))

@@ -7,11 +7,13 @@
   to each client's lowest selected block; weight gradients of the selected
   blocks and the common layers only. Counted from the parameter shapes:
   a dense kernel of P weights costs 2 P FLOPs per token forward, as much
-  again for its input gradient and for its weight gradient; BERT-style
-  attention (blocks with a ``query`` kernel of width d) adds 4 T d per token
-  forward and twice that backward; the lowest selected block needs no
-  gradient of its input (its ``query``/``key``/``value`` kernels, or its
-  first kernel). Embedding lookups, norms and activations count 0.
+  again for its input gradient and for its weight gradient; attention
+  (blocks with a ``query`` or ``q_proj`` kernel of width d) adds 4 T d per
+  token forward and twice that backward; the lowest selected block needs no
+  gradient of its input (its query/key/value kernels, or its first kernel).
+  A ViT's patch embedding (``patch_embedding`` convolution, stride = kernel)
+  is a dense layer on the T - 1 patches. Embedding lookups, norms,
+  activations and image resizing count 0.
   Common layers below the blocks (``LayerGroups.base``: embeddings trained
   from scratch) cost their forward per token and their weight gradients,
   and make every backward pass reach the bottom whatever the mask: every
@@ -32,7 +34,11 @@ from fedsel_jax import federated
 from fedsel_jax import masks as masks_lib
 
 PyTree = Any
-_INPUT_KERNELS = ("query", "key", "value")
+_INPUT_KERNELS = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
+_QUERY_KERNELS = ("query/kernel", "q_proj/kernel")
+# A ViT's patch embedding: a convolution whose stride is its kernel size, i.e.
+# a dense layer on every patch (all tokens but the class token).
+PATCH_KERNEL = "patch_embedding/kernel"
 
 
 def _flops_of(compiled) -> float:
@@ -116,9 +122,12 @@ def block_kernels(params: PyTree, index: PyTree, k: int) -> dict[int, list[tuple
     name = masks_lib.path_str(path)
     if not name.endswith("kernel"):
       continue
-    if len(p.shape) != 2:
+    shape = tuple(p.shape)
+    if len(shape) == 4 and name.endswith(PATCH_KERNEL):
+      shape = (int(np.prod(shape[:3])), shape[3])          # [p, p, C, D] -> [p p C, D]
+    elif len(shape) != 2:
       raise NotImplementedError(f"needed FLOPs count dense kernels only, not {name} {p.shape}")
-    out.setdefault(g, []).append((name, tuple(p.shape)))
+    out.setdefault(g, []).append((name, shape))
   return out
 
 
@@ -139,10 +148,12 @@ def needed_step_flops(params: PyTree, index: PyTree, k: int, tokens: int, batch:
   common = kern.get(masks_lib.COMMON, [])
   bottom = [(n, s) for n, s in common if masks_lib.under_any(n, base)]
   top = [(n, s) for n, s in common if not masks_lib.under_any(n, base)]
-  dense = {g: 2. * tokens * size(ks) for g, ks in kern.items() if g != masks_lib.COMMON}
+  patches = lambda ks: sum(int(np.prod(s)) for n, s in ks if n.endswith(PATCH_KERNEL))
+  dense = {g: 2. * tokens * size(ks) - 2. * patches(ks)   # no patch at the class token
+           for g, ks in kern.items() if g != masks_lib.COMMON}
   attn = {}
   for g, ks in kern.items():
-    q = [s for n, s in ks if n.endswith("query/kernel")]
+    q = [s for n, s in ks if n.endswith(_QUERY_KERNELS)]
     attn[g] = 4. * tokens * tokens * q[0][1] if (g >= 0 and q) else 0.
   head = 2. * size(top)                 # reads pooled features: once per example
   below = 2. * tokens * size(bottom)    # trained layers under the blocks, per token
@@ -183,6 +194,9 @@ def needed_round_flops(setup, rd: dict, masks: np.ndarray) -> float:
   """Analytic FLOPs the round's masks need (nan for models with convolutions)."""
   x = np.asarray(rd["x"])
   tokens = x.shape[2] if x.ndim == 3 and np.issubdtype(x.dtype, np.integer) else 1
+  vit = getattr(setup.spec.module, "cfg", None)
+  if hasattr(vit, "num_patches"):                 # a ViT: the patches and the class token
+    tokens = vit.num_patches + 1
   s = setup.settings
   try:
     return needed_round_flops_from(setup.params, setup.index, setup.k, tokens, s.batch_size,

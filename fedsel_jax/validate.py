@@ -29,7 +29,7 @@ TASKS = ("pronoun", "genre", "play")
 
 # What each data source yields and which models read it.
 DATA_MODALITY = {"digits": "image", "cifar10": "image", "mnist": "image", "domainnet": "image",
-                 "shakespeare": "tokens", "xglue": "tokens"}
+                 "shakespeare": "tokens", "xglue": "tokens", "synthetic": "image"}
 MODEL_MODALITY = {"mlp": "image", "cnn": "image", "vit": "image", "clip_vit": "image",
                   "minilm": "tokens", "bert": "tokens", "roberta": "tokens", "xlmr": "tokens"}
 
@@ -92,6 +92,9 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.min_client_size": _int(1), "data.max_examples": _int(0), "data.max_test": _int(0),
     "data.max_len": _int(4), "data.min_lines": _int(1), "data.max_roles": _int(0),
     "data.task": _choice(*TASKS), "data.image_size": _int(0),
+    "data.synthetic.size": _int(1), "data.synthetic.channels": _int(1),
+    "data.synthetic.classes": _int(2), "data.synthetic.train": _int(1),
+    "data.synthetic.test": _int(1),
     "model.dtype": _choice(*DTYPES), "model.width": _int(1), "model.depth": _int(1),
     "model.num_heads": _int(1),
     "model.features": _positive_ints, "model.max_len": _int(4),

@@ -57,6 +57,7 @@ def test_a_model_without_an_analytic_count_prints_no_nan():
 def test_paired_ratio_alternates_round_and_peer(monkeypatch):
   """Each pair times one round call then one peer call, on the same clock."""
   from fedsel_jax import bench
+  from fedsel_jax import timing
   clock, calls = [0.0], []
 
   class FakeTime:
@@ -71,7 +72,7 @@ def test_paired_ratio_alternates_round_and_peer(monkeypatch):
       return 0
     return fn
 
-  monkeypatch.setattr(bench, "time", FakeTime)
+  monkeypatch.setattr(timing, "time", FakeTime)
   rounds = [advance("round", d) for d in (1.0, 2.0, 4.0)]
   peer = iter([3.0, 4.0, 4.0])
   res = bench.paired_ratio(rounds, lambda: advance("peer", next(peer))(), "torch_2")

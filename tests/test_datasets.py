@@ -355,7 +355,19 @@ def test_unknown_name_is_a_value_error():
   with pytest.raises(ValueError, match=r"data.name must be one of \[.*'digits'.*\], got 'x'"):
     datasets.load_dataset(_cfg(name="x"))
   assert set(datasets.SOURCES) == {"digits", "shakespeare", "cifar10", "mnist", "domainnet",
-                                   "xglue"}
+                                   "xglue", "synthetic"}
+
+
+def test_sources_are_imported_on_first_use():
+  """A run on synthetic data imports no other source (nor TFDS, on an accelerator image)."""
+  import subprocess
+  import sys
+  code = ("import sys; from fedsel_jax import datasets; import ml_collections as m; "
+          "datasets.load_dataset(m.ConfigDict(dict(name='synthetic', synthetic=dict(train=8, "
+          "test=4)))); print(sorted(k for k in sys.modules if k.startswith("
+          "('tensorflow_datasets', 'fedsel_jax.datasets.'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "['fedsel_jax.datasets.base', 'fedsel_jax.datasets.synthetic']"
 
 
 def test_minilm_tokenizer_found_without_import():

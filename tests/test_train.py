@@ -109,7 +109,7 @@ def test_cli_missing_dataset_fails_fast(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["default", "digits", "cifar10_clip", "domainnet_clip",
-                                  "xglue_xlmr"])
+                                  "xglue_xlmr", "bench_vit"])
 def test_every_config_is_valid(name):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()

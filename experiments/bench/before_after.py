@@ -31,6 +31,7 @@ import numpy as np
 from fedsel_jax import bench
 from fedsel_jax import client as client_lib
 from fedsel_jax import round_programs
+from fedsel_jax import timing
 from fedsel_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -73,11 +74,11 @@ def run_alternating(sides, key, repeats):
   for _ in range(repeats + 1):        # the first pass is a warm-up
     for s in sides.values():
       state = s["make_state"]()
-      bench._clear_peak_rss()
+      timing._clear_peak_rss()
       t0 = time.perf_counter()
       jax.block_until_ready(s["compiled"](state, s["rd"], key)[0].params)
       s["times"].append(time.perf_counter() - t0)
-      s["peak_rss_mb"] = max(s["peak_rss_mb"], bench._peak_rss_mb())
+      s["peak_rss_mb"] = max(s["peak_rss_mb"], timing._peak_rss_mb())
   for s in sides.values():
     s["times"] = s["times"][1:]
     s["median_s"] = float(np.median(s["times"]))

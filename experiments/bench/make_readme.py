@@ -37,7 +37,8 @@ def bench_table(name: str, rep: dict) -> list[str]:
     out += [f"`{rep['command']}`", ""]
   out += [f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
          f"{rep['torch']}; {rep['date']}; load average {_load(rep['load'])} before, "
-         f"{_load(rep['load_after'])} after; fp32 matmul peak measured in the run "
+         f"{_load(rep['load_after'])} after; "
+         f"{rep.get('matmul_peak_dtype', 'float32')} matmul peak measured in the run "
          f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({_peak_method(rep)}); "
          f"chunk {s['client_chunk']}, "
          f"backprop_cut {s['backprop_cut']}, cut_levels {tuple(s.get('cut_levels', ()))}, "
@@ -48,9 +49,10 @@ def bench_table(name: str, rep: dict) -> list[str]:
     for mode, r in row["modes"].items():
       first = f"{r['first_s']:.1f}" + (f" (compile {r['compile_s']:.1f})" if "compile_s" in r
                                         else "")
+      device = (f" (device {r['device_peak_mb']:.0f})" if r.get("device_peak_mb") else "")
       out.append(f"| {row['masks']} ({row['mean_blocks']:.1f} blocks) | {mode} | "
                  f"{r['median_s']:.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] | "
-                 f"{r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {first} |")
+                 f"{r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f}{device} | {first} |")
   out += ["", "| masks | round vs loop | round vs best torch | alternated with it, median "
           "[min-max] | memory vs torch | executed GFLOP | needed GFLOP | executed / needed "
           "| MFU (needed) |",

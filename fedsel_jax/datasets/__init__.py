@@ -6,31 +6,29 @@ source, the other fields are documented in each source's module.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
-from fedsel_jax.datasets import digits
-from fedsel_jax.datasets import shakespeare
-from fedsel_jax.datasets import tfds_image
-from fedsel_jax.datasets import xglue
 from fedsel_jax.datasets.base import DataMissingError, Dataset
 
-SOURCES: dict[str, Callable[..., Dataset]] = {
-    "digits": digits.load,
-    "shakespeare": shakespeare.load,
-    "cifar10": tfds_image.load_cifar10,
-    "mnist": tfds_image.load_mnist,
-    "domainnet": tfds_image.load_domainnet,
-    "xglue": xglue.load,
+# name -> (module, loader, check). Modules are imported on first use, so a
+# run on synthetic data needs neither tensorflow-datasets nor a tokenizer.
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "digits": ("digits", "load", "check_available"),
+    "shakespeare": ("shakespeare", "load", "check_available"),
+    "cifar10": ("tfds_image", "load_cifar10", "check_cifar10"),
+    "mnist": ("tfds_image", "load_mnist", "check_mnist"),
+    "domainnet": ("tfds_image", "load_domainnet", "check_domainnet"),
+    "xglue": ("xglue", "load", "check_available"),
+    "synthetic": ("synthetic", "load", "check_available"),
 }
+SOURCES: tuple[str, ...] = tuple(_REGISTRY)
 
-_CHECKS: dict[str, Callable[..., None]] = {
-    "digits": digits.check_available,
-    "shakespeare": shakespeare.check_available,
-    "cifar10": tfds_image.check_cifar10,
-    "mnist": tfds_image.check_mnist,
-    "domainnet": tfds_image.check_domainnet,
-    "xglue": xglue.check_available,
-}
+
+def _function(name: str, which: int) -> Callable[..., object]:
+  module = importlib.import_module(f"fedsel_jax.datasets.{_REGISTRY[name][0]}")
+  return getattr(module, _REGISTRY[name][which])
+
 
 __all__ = ["SOURCES", "DataMissingError", "Dataset", "check_available", "load_dataset"]
 
@@ -50,9 +48,9 @@ def check_available(data_cfg) -> None:
     DataMissingError: the data (or tokenizer) is not on disk; the message says
       what to run or where to put which file.
   """
-  _CHECKS[_source_name(data_cfg)](data_cfg)
+  _function(_source_name(data_cfg), 2)(data_cfg)
 
 
 def load_dataset(data_cfg) -> Dataset:
   """Loads the source named by ``data_cfg.name`` (preparing local builders on first use)."""
-  return SOURCES[_source_name(data_cfg)](data_cfg)
+  return _function(_source_name(data_cfg), 1)(data_cfg)

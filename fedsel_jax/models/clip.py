@@ -86,6 +86,9 @@ VARIANTS: dict[str, ClipVisionConfig] = {
     "B/16": ClipVisionConfig(patch_size=16),
     "L/14": ClipVisionConfig(patch_size=14, hidden_size=1024, num_layers=24,
                              num_heads=16, intermediate_size=4096),
+    # ../shared/BENCH.md's tiny ViT (2.7M parameters), for benchmarks.
+    "T/4": ClipVisionConfig(image_size=32, patch_size=4, hidden_size=192, num_layers=6,
+                            num_heads=3, intermediate_size=768),
     "tiny": ClipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
                              num_heads=4, intermediate_size=64),
 }
@@ -249,7 +252,8 @@ def build(model_cfg, num_classes: int) -> ModelSpec:
     pretrained: '' = random init, or a directory with a HF CLIP checkpoint
       (config.json, model.safetensors / pytorch_model.bin); sizes then come
       from its (vision_)config.
-    variant: size preset 'B/32' (default), 'B/16', 'L/14', 'tiny' (tests).
+    variant: size preset 'B/32' (default), 'B/16', 'L/14', 'T/4' (BENCH.md's tiny
+      ViT), 'tiny' (tests).
     image_size, patch_size, hidden_size, num_layers, num_heads,
     intermediate_size, layer_norm_eps, hidden_act, num_channels: random-init
       overrides of the variant.
