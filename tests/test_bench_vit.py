@@ -22,6 +22,7 @@ from fedsel_jax import validate
 from fedsel_jax.cli import apply_overrides, load_config
 from fedsel_jax.datasets import synthetic
 from fedsel_jax.models import build_model
+from tests.helpers import xla_grad_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,32 +83,14 @@ def _clip(**over):
   return spec, params, masks_lib.group_index(params, spec.groups)
 
 
-def _xla_grad_flops(spec, params, index, mask, batch):
-  flat, treedef = jax.tree_util.tree_flatten(params)
-  trained = [g == masks_lib.COMMON or (g >= 0 and mask[g])
-             for g in jax.tree_util.tree_leaves(index)]
-  x = np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32)
-  y = np.arange(batch) % 10
-
-  def loss(train_leaves, frozen_leaves, x):
-    it, fr = iter(train_leaves), iter(frozen_leaves)
-    leaves = [next(it) if t else next(fr) for t in trained]
-    logits = spec.module.apply({"params": jax.tree_util.tree_unflatten(treedef, leaves)}, x)
-    return -jax.numpy.mean(jax.nn.log_softmax(logits)[np.arange(batch), y])
-
-  train = [p for p, t in zip(flat, trained) if t]
-  frozen = [p for p, t in zip(flat, trained) if not t]
-  cost = jax.jit(jax.grad(loss)).lower(train, frozen, x).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
 def test_vit_needed_flops_match_xla_count_of_the_ideal_gradient():
   spec, params, index = _clip()
   tokens, batch, k = spec.module.cfg.num_patches + 1, 4, 3
   for sel in [(), (2,), (1,), (0,), (0, 2), (0, 1, 2)]:
     mask = np.isin(np.arange(k), sel)
     need = flops.needed_step_flops(params, index, k, tokens, batch, mask, spec.groups.base)
-    xla = _xla_grad_flops(spec, params, index, mask, batch)
+    x = np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32)
+    xla = xla_grad_flops(spec, params, index, mask, x, num_classes=10)
     # XLA also counts norms, softmax, activations and bias gradients
     assert need <= xla <= 1.1 * need, (sel, need, xla)
 

@@ -14,6 +14,7 @@ from fedsel_jax import costs as costs_lib
 from fedsel_jax import flops
 from fedsel_jax import masks as masks_lib
 from fedsel_jax.models import build_model
+from tests.helpers import xla_grad_flops
 
 BLOCKS, HEAD, BASE = [10.0, 20.0, 30.0], 5.0, 3.0
 # With trained base layers every backward pass runs through every block and
@@ -59,26 +60,6 @@ def _model(embeddings):
   return spec, params, masks_lib.group_index(params, spec.groups)
 
 
-def _xla_grad_flops(spec, params, index, mask, batch):
-  """XLA's FLOPs of one gradient w.r.t. the selected blocks and the common leaves."""
-  flat, treedef = jax.tree_util.tree_flatten(params)
-  groups = jax.tree_util.tree_leaves(index)
-  trained = [g == masks_lib.COMMON or (g >= 0 and mask[g]) for g in groups]
-  x = np.random.default_rng(0).normal(size=(batch, 32)).astype(np.float32)
-  y = np.arange(batch) % 4
-
-  def loss(train_leaves, frozen_leaves, x):   # arguments, so nothing constant-folds
-    it, fr = iter(train_leaves), iter(frozen_leaves)
-    leaves = [next(it) if t else next(fr) for t in trained]
-    logits = spec.module.apply({"params": jax.tree_util.tree_unflatten(treedef, leaves)}, x)
-    return -jax.numpy.mean(jax.nn.log_softmax(logits)[np.arange(batch), y])
-
-  train = [p for p, t in zip(flat, trained) if t]
-  frozen = [p for p, t in zip(flat, trained) if not t]
-  cost = jax.jit(jax.grad(loss)).lower(train, frozen, x).compile().cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
 @pytest.mark.parametrize("embeddings", ["fixed", "trained"])
 def test_needed_flops_equal_xla_count_of_the_ideal_gradient(embeddings):
   spec, params, index = _model(embeddings)
@@ -87,7 +68,8 @@ def test_needed_flops_equal_xla_count_of_the_ideal_gradient(embeddings):
   for sel in [(), (2,), (0,), (0, 2), (1,), (0, 1, 2)]:
     mask = np.isin(np.arange(k), sel)
     need = flops.needed_step_flops(params, index, k, 1, batch, mask, spec.groups.base)
-    xla = _xla_grad_flops(spec, params, index, mask, batch)
+    x = np.random.default_rng(0).normal(size=(batch, 32)).astype(np.float32)
+    xla = xla_grad_flops(spec, params, index, mask, x, num_classes=4)
     # XLA also counts activations, bias gradients and the softmax: ~1% at width 256
     assert need <= xla <= 1.03 * need, (embeddings, sel, need, xla)
 
