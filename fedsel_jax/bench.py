@@ -11,7 +11,8 @@ For each mask kind it times, on the config's round-0 clients and data:
   given as data (no re-selection, no diagnostics: training, aggregation and
   the server step);
 * ``loop``: a per-client Python loop over the same jitted ``client_update``
-  streamed into the same aggregation;
+  streamed into the same aggregation (``--no_loop`` skips it: at 2,000
+  clients a round of it takes minutes on a GPU);
 * ``torch_T``: the authors' sequential PyTorch pattern (``../shared/BENCH.md``)
   with T threads, when torch imports and ``--torch_peer`` names the peer file
   (loaded by path; nothing in the package imports ``experiments/``).
@@ -178,7 +179,8 @@ def load_peer(path: str):
   return module
 
 
-def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> dict:
+def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads,
+              loop: bool = True) -> dict:
   """Every mode on one mask kind; returns the row of the report."""
   masks = bench_masks(setup, kind, rd, key)
   valid = np.asarray(rd["valid"])
@@ -190,7 +192,8 @@ def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads) -> d
   # The slower modes get fewer timed calls, but at least 3: a ratio against
   # one torch round moved 1.08x -> 1.38x between two runs minutes apart.
   slow = max(3, repeats // 2)
-  row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, slow)
+  if loop:
+    row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, slow)
   peers = {}
   for t in threads if peer is not None else ():
     try:
@@ -218,7 +221,8 @@ def summarize(row: dict, peak: float) -> dict:
   """Ratios and MFU of one report row (in place)."""
   modes = row["modes"]
   rt = modes["round"]["median_s"]
-  row["speedup_over_loop"] = modes["loop"]["median_s"] / rt
+  if "loop" in modes:
+    row["speedup_over_loop"] = modes["loop"]["median_s"] / rt
   torch = [v["median_s"] for k, v in modes.items() if k.startswith("torch_")]
   if torch:
     row["speedup_over_torch_best"] = min(torch) / rt
@@ -244,7 +248,8 @@ def format_row(row: dict) -> str:
     lines.append(f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
                  f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB"
                  f"  first call {r['first_s']:.1f} s{extra}")
-  lines.append(f"  round vs loop {row['speedup_over_loop']:.2f}x" + (
+  lines.append((f"  round vs loop {row['speedup_over_loop']:.2f}x"
+                if "speedup_over_loop" in row else "  (no loop timed)") + (
       f"; vs best torch {row['speedup_over_torch_best']:.2f}x, memory "
       f"{row['memory_over_torch']:.2f}x torch"
       f"{' (device)' if row.get('memory_measure') == 'device_peak_mb' else ''}"
@@ -263,7 +268,7 @@ def format_row(row: dict) -> str:
   return "\n".join(lines)
 
 
-def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
+def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = True) -> dict:
   """The whole report as a dict (see the module docstring)."""
   from fedsel_jax import main as main_lib   # heavy: datasets, models
 
@@ -280,7 +285,7 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
       settings=dataclasses.asdict(setup.settings),
       torch=None if peer is None else peer.version(),
       command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]))
-  rows = [bench_one(setup, kind, rd, key, repeats, peer, threads) for kind in mask_kinds]
+  rows = [bench_one(setup, kind, rd, key, repeats, peer, threads, loop) for kind in mask_kinds]
   # Measured before and after the modes: the MFUs use the higher (a peak).
   report["matmul_peak_samples"] = [peak_before, matmul_peak(peak_sizes(), dtype=dtype)]
   report["matmul_peak_dtype"] = dtype
@@ -292,9 +297,9 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads) -> dict:
 
 USAGE = ("usage: python -m fedsel_jax.bench --config configs/NAME.py[:ARG] [--masks "
          "config,top2,random] [--repeats N] [--json PATH] [--torch_peer FILE] "
-         "[--torch_threads 1,2] [--config.FIELD=VALUE ...]")
+         "[--torch_threads 1,2] [--no_loop] [--config.FIELD=VALUE ...]")
 FLAGS = {"config": True, "masks": True, "repeats": True, "json": True, "torch_peer": True,
-         "torch_threads": True, "help": False}
+         "torch_threads": True, "no_loop": False, "help": False}
 DEFAULT_PEER = "experiments/bench/torch_peer.py"
 
 
@@ -323,6 +328,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
       raise errors.ConfigError(f"--json {out!r}: not a writable file path (its folder must "
                                "exist and be writable)")
   return dict(config=config, masks=masks, repeats=repeats, json=out, threads=threads,
+              loop="no_loop" not in values,
               peer=values.get("torch_peer", DEFAULT_PEER))
 
 
@@ -342,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
   from fedsel_jax import errors
   try:
     args = parse(sys.argv[1:] if argv is None else argv)
-    report = run(args["config"], args["masks"], args["repeats"], args["peer"], args["threads"])
+    report = run(args["config"], args["masks"], args["repeats"], args["peer"], args["threads"],
+                 args["loop"])
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return e.exit_code

@@ -154,3 +154,17 @@ def test_gpu_rows_script_runs_a_row_at_smoke_size(tmp_path):
   bad = subprocess.run(["bash", os.path.join(ROOT, "experiments/bench/gpu_rows.sh"), "huge"],
                        env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown row 'huge'" in bad.stderr
+
+
+def test_gpu_rows_arguments_pass_the_bench_checks():
+  """The real rows' arguments (not run here: they need a GPU) parse and validate."""
+  from fedsel_jax import bench
+  proc = subprocess.run(["bash", os.path.join(ROOT, "experiments/bench/gpu_rows.sh")],
+                        env=dict(os.environ, GPU_ROWS_PRINT="1"), capture_output=True,
+                        text=True, check=True)
+  rows = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+  assert set(rows) == {"tiny", "b32", "tiny2000"}
+  for name, args in rows.items():
+    parsed = bench.parse(args.split())
+    assert parsed["masks"] == ["top2"] and parsed["repeats"] >= 3
+    assert parsed["loop"] == (name != "tiny2000")

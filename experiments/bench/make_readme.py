@@ -66,7 +66,8 @@ def bench_table(name: str, rep: dict) -> list[str]:
     counted = math.isfinite(row["needed_flops"])   # no analytic count with convolutions
     need = (f"{row['needed_flops'] / 1e9:.1f} | {row['executed_over_needed']:.2f}x | "
             f"{100 * row['mfu_needed']:.0f}%" if counted else "- | - | -")
-    out.append(f"| {row['masks']} | {row['speedup_over_loop']:.2f}x | {torch[0]} | {paired} | "
+    loop = f"{row['speedup_over_loop']:.2f}x" if "speedup_over_loop" in row else "-"
+    out.append(f"| {row['masks']} | {loop} | {torch[0]} | {paired} | "
                f"{torch[1]} | {row['executed_flops'] / 1e9:.1f} | {need} |")
   return out + [""]
 
