@@ -20,8 +20,8 @@
 # (at most 560 s; give it timeout_s=600). A row that runs out of its limit leaves
 # its log; rerun that row alone with a longer limit (ROW_LIMIT_S below) if
 # device time is left, or with --masks config for the masks the selection picks.
-# Wheels found in .whl/ are installed into /tmp/site first. GPU_ROWS_SMOKE=1 runs every row on the CPU-sized
-# configs/bench_vit.py:smoke instead (a check of this script; tests do it), and
+# Wheels found in .whl/ are installed into /tmp/site first. GPU_ROWS_SMOKE=1 runs
+# every row on the CPU-sized configs/bench_vit.py:smoke instead (a check of this script; tests do it), and
 # GPU_ROWS_PRINT=1 prints each row's arguments (tests parse them).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
