@@ -10,9 +10,10 @@ For each mask kind it times, on the config's round-0 clients and data:
   it, as ``fl.device_data='auto'`` does when the store fits) with the masks
   given as data (no re-selection, no diagnostics: training, aggregation and
   the server step);
-* ``loop``: a per-client Python loop over the same jitted ``client_update``
-  streamed into the same aggregation (``--no_loop`` skips it: at 2,000
-  clients a round of it takes minutes on a GPU);
+* ``loop``: a per-client Python loop over one jitted ``client_update``
+  (masks as data, no cut: every block differentiated) streamed into the same
+  aggregation (``--no_loop`` skips it: at 2,000 clients a round of it takes
+  minutes on a GPU);
 * ``torch_T``: the authors' sequential PyTorch pattern (``../shared/BENCH.md``)
   with T threads, when torch imports and ``--torch_peer`` names the peer file
   (loaded by path; nothing in the package imports ``experiments/``).
@@ -22,10 +23,12 @@ FLOPs (XLA cost analysis of each chunk's client-update variant, summed over
 the round's chunks) against the analytic FLOPs the masks need, MFU (the median
 round against the best matmul seen, so if anything an underestimate) against a
 matmul peak in the model's compute dtype measured in the same run, peak memory
-(process RSS high-water mark during each mode; on an accelerator also the
-device's peak memory in use, JAX's and torch's, which the memory ratio then
-uses; and XLA's memory analysis of the compiled round) and
-the compile time. Mask kinds: ``config`` (what the config's own selection
+(process RSS high-water mark during each mode, and XLA's memory analysis of
+the compiled round; on an accelerator the memory ratio compares the round's
+device footprint by that analysis with torch's peak allocated) and the
+compile time. The JSON is rewritten after
+every mode (``"complete": false`` until the end), so a killed run keeps
+what it finished. Mask kinds: ``config`` (what the config's own selection
 picks in round 0), ``top2`` (consensus: every client trains the top 2 blocks),
 ``random`` (1-2 random blocks per client, seeded).
 """
@@ -33,6 +36,7 @@ picks in round 0), ``top2`` (consensus: every client trains the top 2 blocks),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -119,6 +123,10 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
   if mem is not None:
     res["xla_temp_mb"] = mem.temp_size_in_bytes / 2 ** 20
     res["xla_args_mb"] = mem.argument_size_in_bytes / 2 ** 20
+    # the round's device footprint: arguments (the model, its state, the data
+    # store), outputs and temporaries, less what the outputs reuse
+    res["xla_total_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                           + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
 
   def round_calls(n: int) -> list[Callable[[], Any]]:
     """n calls of the compiled round, each on a fresh state (the round donates it)."""
@@ -180,40 +188,52 @@ def load_peer(path: str):
 
 
 def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads,
-              loop: bool = True) -> dict:
-  """Every mode on one mask kind; returns the row of the report."""
+              loop: bool = True, row: dict | None = None,
+              progress: Callable[[str], None] = lambda mode: None) -> dict:
+  """Every mode on one mask kind; returns the row of the report.
+
+  ``row`` (a dict to fill in place, default a new one) and ``progress(mode)``,
+  called after each mode, let the command print and save what it has as it
+  goes, so a run stopped by a time limit keeps its finished modes.
+  """
   masks = bench_masks(setup, kind, rd, key)
   valid = np.asarray(rd["valid"])
   s = setup.settings
   samples = int(valid.sum()) * s.local_steps * s.batch_size
-  row: dict[str, Any] = dict(masks=kind, mean_blocks=float(masks[valid].sum(1).mean()),
-                             samples=samples, modes={})
-  row["modes"]["round"], round_calls = project_round(setup, rd, masks, key, repeats)
+  row = {} if row is None else row
+  row.update(masks=kind, mean_blocks=float(masks[valid].sum(1).mean()), samples=samples,
+             modes={}, needed_flops=flops_lib.needed_round_flops(setup, rd, masks))
+
+  def done(name: str, res: dict) -> None:
+    res["samples_per_s"] = samples / res["median_s"]
+    row["modes"][name] = res
+    progress(name)
+
+  res, round_calls = project_round(setup, rd, masks, key, repeats)
+  done("round", res)
   # The slower modes get fewer timed calls, but at least 3: a ratio against
   # one torch round moved 1.08x -> 1.38x between two runs minutes apart.
   slow = max(3, repeats // 2)
-  if loop:
-    row["modes"]["loop"] = per_client_loop(setup, rd, masks, key, slow)
   peers = {}
   for t in threads if peer is not None else ():
     try:
       peers[f"torch_{t}"] = fn = peer.make_round(setup, rd, masks, threads=t)
-    except NotImplementedError as e:        # the peer builds BERT-family models only
-      row["torch_skipped"] = str(e)
+    except Exception as e:  # pylint: disable=broad-except  # the round's figures stand alone
+      row["torch_skipped"] = f"{type(e).__name__}: {e}"
+      print(f"bench: torch peer skipped: {row['torch_skipped']}", file=sys.stderr, flush=True)
       break
-    reset = getattr(peer, "reset_device_peak", lambda: None)
-    reset()
-    row["modes"][f"torch_{t}"] = timed(fn, slow)
-    row["modes"][f"torch_{t}"]["device_peak_mb"] = getattr(peer, "device_peak_mb",
-                                                           lambda: None)()
+    getattr(peer, "reset_device_peak", lambda: None)()
+    res = timed(fn, slow)
+    res["device_peak_mb"] = getattr(peer, "device_peak_mb", lambda: None)()
+    done(f"torch_{t}", res)
   if peers:                                 # the best thread count, alternated with the round
     best = min(peers, key=lambda name: row["modes"][name]["median_s"])
     row["paired"] = paired_ratio(round_calls(slow), peers[best], best)
-  for res in row["modes"].values():
-    res["samples_per_s"] = samples / res["median_s"]
+    progress("paired")
+  if loop:                                  # last: the figure a time limit can spare
+    done("loop", per_client_loop(setup, rd, masks, key, slow))
   row["executed_flops"] = flops_lib.executed_round_flops(flops_lib.counting_parts(setup),
                                                          setup.params, rd, masks)
-  row["needed_flops"] = flops_lib.needed_round_flops(setup, rd, masks)
   return row
 
 
@@ -226,33 +246,40 @@ def summarize(row: dict, peak: float) -> dict:
   torch = [v["median_s"] for k, v in modes.items() if k.startswith("torch_")]
   if torch:
     row["speedup_over_torch_best"] = min(torch) / rt
-    # Device memory where both sides report it (a GPU), else the process's RSS.
-    key = ("device_peak_mb" if modes["round"].get("device_peak_mb") and all(
-        v.get("device_peak_mb") for k, v in modes.items() if k.startswith("torch_"))
-           else "peak_rss_mb")
-    row["memory_measure"] = key
-    row["memory_over_torch"] = modes["round"][key] / min(
-        v[key] for k, v in modes.items() if k.startswith("torch_"))
+    # On an accelerator (torch reports its device peak): the round's footprint
+    # by XLA's memory analysis against torch's peak allocated during its round;
+    # on the CPU, the process's RSS high-water marks.
+    peers = [v for k, v in modes.items() if k.startswith("torch_")]
+    device = modes["round"].get("xla_total_mb") and all(v.get("device_peak_mb") for v in peers)
+    row["memory_measure"] = "device" if device else "rss"
+    ours, theirs = (("xla_total_mb", "device_peak_mb") if device
+                    else ("peak_rss_mb", "peak_rss_mb"))
+    row["memory_over_torch"] = modes["round"][ours] / min(v[theirs] for v in peers)
   row["executed_over_needed"] = row["executed_flops"] / row["needed_flops"]
   row["mfu_needed"] = row["needed_flops"] / rt / peak
   row["mfu_executed"] = row["executed_flops"] / rt / peak
   return row
 
 
+def format_mode(name: str, r: dict) -> str:
+  """One mode's line of the printed report."""
+  extra = (f"  compile {r['compile_s']:.1f} s, data: {r['round_data']}"
+           if "compile_s" in r else "")
+  device = (f" (device {r['device_peak_mb']:.0f} MB)" if r.get("device_peak_mb") else "")
+  return (f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
+          f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB{device}"
+          f"  first call {r['first_s']:.1f} s{extra}")
+
+
 def format_row(row: dict) -> str:
   lines = [f"masks={row['masks']} (mean {row['mean_blocks']:.2f} blocks/client), "
            f"{row['samples']} samples/round"]
-  for name, r in row["modes"].items():
-    extra = (f"  compile {r['compile_s']:.1f} s, data: {r['round_data']}"
-             if "compile_s" in r else "")
-    lines.append(f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
-                 f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB"
-                 f"  first call {r['first_s']:.1f} s{extra}")
+  lines += [format_mode(name, r) for name, r in row["modes"].items()]
   lines.append((f"  round vs loop {row['speedup_over_loop']:.2f}x"
                 if "speedup_over_loop" in row else "  (no loop timed)") + (
       f"; vs best torch {row['speedup_over_torch_best']:.2f}x, memory "
       f"{row['memory_over_torch']:.2f}x torch"
-      f"{' (device)' if row.get('memory_measure') == 'device_peak_mb' else ''}"
+      f"{' (device)' if row.get('memory_measure') == 'device' else ''}"
       if "speedup_over_torch_best" in row else ""))
   if "paired" in row:
     pr = row["paired"]
@@ -268,8 +295,13 @@ def format_row(row: dict) -> str:
   return "\n".join(lines)
 
 
-def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = True) -> dict:
-  """The whole report as a dict (see the module docstring)."""
+def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = True,
+        save: Callable[[dict], None] = lambda report: None) -> dict:
+  """The whole report as a dict (see the module docstring).
+
+  ``save(report)`` is called after every mode with the report so far
+  (``complete`` False, rows not yet summarised) and once at the end.
+  """
   from fedsel_jax import main as main_lib   # heavy: datasets, models
 
   peer = load_peer(peer_path)       # before set-up: a missing package is said at once
@@ -284,14 +316,28 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = 
       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       settings=dataclasses.asdict(setup.settings),
       torch=None if peer is None else peer.version(),
-      command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]))
-  rows = [bench_one(setup, kind, rd, key, repeats, peer, threads, loop) for kind in mask_kinds]
+      command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]),
+      matmul_peak_dtype=dtype, complete=False, rows=[])
+  print(f"{report['device']}, jax {report['jax']}, torch {report['torch']}; {dtype} matmul "
+        f"peak {peak_before / 1e9:.0f} GFLOP/s", flush=True)
+  for kind in mask_kinds:
+    row: dict[str, Any] = {}
+    report["rows"].append(row)
+
+    def progress(mode: str, row=row) -> None:
+      save(report)                  # first: a kill right after the line keeps the mode
+      if mode in row["modes"]:
+        print(f"masks={row['masks']}:" + format_mode(mode, row["modes"][mode]), flush=True)
+
+    bench_one(setup, kind, rd, key, repeats, peer, threads, loop, row, progress)
+  rows = report["rows"]
   # Measured before and after the modes: the MFUs use the higher (a peak).
   report["matmul_peak_samples"] = [peak_before, matmul_peak(peak_sizes(), dtype=dtype)]
-  report["matmul_peak_dtype"] = dtype
   report["matmul_peak_flops"] = max(report["matmul_peak_samples"])
   report["rows"] = [summarize(row, report["matmul_peak_flops"]) for row in rows]
   report["load_after"] = os.getloadavg()
+  report["complete"] = True
+  save(report)
   return report
 
 
@@ -349,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     args = parse(sys.argv[1:] if argv is None else argv)
     report = run(args["config"], args["masks"], args["repeats"], args["peer"], args["threads"],
-                 args["loop"])
+                 args["loop"], save=functools.partial(_save, args["json"]))
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
@@ -360,10 +406,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['settings']}")
   for row in report["rows"]:
     print(format_row(row))
-  if args["json"]:
-    with open(args["json"], "w") as f:
-      json.dump(report, f, indent=2, default=float)
   return 0
+
+
+def _save(path: str, report: dict) -> None:
+  """Writes the report to ``path`` (if any), replacing it whole (a kill mid-write
+  leaves the previous version)."""
+  if not path:
+    return
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2, default=float)
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

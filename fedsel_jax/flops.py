@@ -149,6 +149,8 @@ def needed_step_flops(params: PyTree, index: PyTree, k: int, tokens: int, batch:
   bottom = [(n, s) for n, s in common if masks_lib.under_any(n, base)]
   top = [(n, s) for n, s in common if not masks_lib.under_any(n, base)]
   patches = lambda ks: sum(int(np.prod(s)) for n, s in ks if n.endswith(PATCH_KERNEL))
+  if tokens < 2 and any(patches(ks) for ks in kern.values()):
+    raise NotImplementedError("a patch embedding needs the ViT's token count (patches + 1)")
   dense = {g: 2. * tokens * size(ks) - 2. * patches(ks)   # no patch at the class token
            for g, ks in kern.items() if g != masks_lib.COMMON}
   attn = {}
@@ -194,7 +196,8 @@ def needed_round_flops(setup, rd: dict, masks: np.ndarray) -> float:
   """Analytic FLOPs the round's masks need (nan for models with convolutions)."""
   x = np.asarray(rd["x"])
   tokens = x.shape[2] if x.ndim == 3 and np.issubdtype(x.dtype, np.integer) else 1
-  vit = getattr(setup.spec.module, "cfg", None)
+  module = setup.spec.module
+  vit = getattr(getattr(module, "base", module), "cfg", None)   # through a LoRA wrapper
   if hasattr(vit, "num_patches"):                 # a ViT: the patches and the class token
     tokens = vit.num_patches + 1
   s = setup.settings

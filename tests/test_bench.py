@@ -34,10 +34,34 @@ def test_bench_reports_every_mode_and_flop_count(tmp_path):
     assert 0.5 < row["executed_over_needed"] < 3.0
   # a peak: the best of the samples taken before and after the modes
   assert len(report["matmul_peak_samples"]) == 2 and min(report["matmul_peak_samples"]) > 0
+  assert report["complete"] is True and report["matmul_peak_dtype"] == "float32"
   assert report["matmul_peak_flops"] == max(report["matmul_peak_samples"])
   # the top-2 consensus round needs and executes less than random 1-2-block masks reaching lower
   assert top2["executed_flops"] <= rand["executed_flops"] * 1.05 or \
       top2["needed_flops"] > rand["needed_flops"]
+
+
+def test_a_killed_bench_keeps_the_modes_it_finished(tmp_path):
+  """A time limit (SIGTERM) mid-run leaves the JSON of every mode done so far."""
+  out = tmp_path / "bench.json"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fedsel_jax.bench", "--config", "configs/digits.py:smoke",
+       "--masks", "top2,random", "--repeats", "1", "--torch_peer", "", "--json", str(out)],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("masks=top2:") and "round" in line:
+        break
+    proc.terminate()
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  report = json.loads(out.read_text())
+  assert report["complete"] is False
+  assert "round" in report["rows"][0]["modes"]
+  assert report["rows"][0]["modes"]["round"]["samples_per_s"] > 0
+  assert report["rows"][0]["needed_flops"] > 0
 
 
 def test_bench_times_host_round_data_when_the_run_would(tmp_path):

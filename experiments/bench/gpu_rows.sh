@@ -17,9 +17,10 @@
 #       --implementation cp -d .whl ml-collections==1.1.0
 # and call the device tool with carry=[".whl"] and the command
 #   experiments/bench/gpu_rows.sh tiny b32 tiny2000
-# (at most 560 s; give it timeout_s=600). A row that runs out of its limit leaves
-# its log; rerun that row alone with a longer limit (ROW_LIMIT_S below) if
-# device time is left, or with --masks config for the masks the selection picks.
+# (at most 560 s; give it timeout_s=600). A row that runs out of its limit keeps
+# the modes it finished (ROW.json says "complete": false); rerun that row alone
+# with a longer limit (ROW_LIMIT_S below) if device time is left, or with
+# --masks config for the masks the selection picks.
 # Wheels found in .whl/ are installed into /tmp/site first. GPU_ROWS_SMOKE=1 runs
 # every row on the CPU-sized configs/bench_vit.py:smoke instead (a check of this script; tests do it), and
 # GPU_ROWS_PRINT=1 prints each row's arguments (tests parse them).
@@ -56,29 +57,33 @@ declare -A ROW_ARGS=(
   [tiny2000]="--config configs/bench_vit.py:tiny2000 --masks top2 --repeats 3 --torch_peer=
               --no_loop --config.fl.cut_levels=4"
 )
+# JAX may take all but what the row's torch peer needs (none in the memory row).
+declare -A ROW_MEM_FRACTION=([tiny]=0.75 [b32]=0.75 [tiny2000]=0.95)
+rows=$(echo ${@:-tiny b32 tiny2000})
+for r in $rows; do                       # every name checked before any row runs
+  if [[ -z "${ROW_ARGS[$r]+x}" ]]; then
+    echo "error: unknown row '$r'; rows: ${!ROW_ARGS[*]}" >&2; exit 2
+  fi
+done
 status=0
-for row in "${@:-tiny b32 tiny2000}"; do
-  for r in $row; do
-    if [[ -z "${ROW_ARGS[$r]+x}" ]]; then
-      echo "error: unknown row '$r'; rows: ${!ROW_ARGS[*]}" >&2; exit 2
-    fi
-    args=${ROW_ARGS[$r]}
-    limit=${ROW_LIMIT_S[$r]}
-    if [[ -n "${GPU_ROWS_PRINT:-}" ]]; then   # the rows' arguments, one line each (tests)
-      echo "$r" $args; continue
-    fi
-    if [[ -n "${GPU_ROWS_SMOKE:-}" ]]; then
-      args="--config configs/bench_vit.py:smoke --masks top2 --repeats 1 --torch_threads 1"
-      [[ $r == tiny2000 ]] && args="$args --torch_peer= --no_loop"
-      limit=300
-    fi
-    echo "== $r: python -m fedsel_jax.bench $args (limit ${limit} s)"
-    # shellcheck disable=SC2086
-    timeout "$limit" $PY -m fedsel_jax.bench $args --json "$OUT_DIR/$r.json" 2>&1 \
-        | tee "$OUT_DIR/$r.log"
-    rc=${PIPESTATUS[0]}
-    echo "== $r: exit $rc"
-    [[ $rc -ne 0 ]] && status=$rc
-  done
+for r in $rows; do
+  args=${ROW_ARGS[$r]}
+  limit=${ROW_LIMIT_S[$r]}
+  if [[ -n "${GPU_ROWS_PRINT:-}" ]]; then   # the rows' arguments, one line each (tests)
+    echo "$r" $args; continue
+  fi
+  if [[ -n "${GPU_ROWS_SMOKE:-}" ]]; then
+    args="--config configs/bench_vit.py:smoke --masks top2 --repeats 1 --torch_threads 1"
+    [[ $r == tiny2000 ]] && args="$args --torch_peer= --no_loop"
+    limit=300
+  fi
+  echo "== $r: python -m fedsel_jax.bench $args (limit ${limit} s)"
+  # shellcheck disable=SC2086
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${ROW_MEM_FRACTION[$r]} \
+      timeout "$limit" $PY -m fedsel_jax.bench $args --json "$OUT_DIR/$r.json" 2>&1 \
+      | tee "$OUT_DIR/$r.log"
+  rc=${PIPESTATUS[0]}
+  echo "== $r: exit $rc"
+  [[ $rc -ne 0 ]] && status=$rc
 done
 exit $status
