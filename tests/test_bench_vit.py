@@ -44,6 +44,9 @@ def test_synthetic_images_are_a_fixed_learnable_dataset():
   means = np.stack([ds.train_x[ds.train_y == c].mean(0) for c in range(4)])
   dist = ((ds.test_x[:, None] - means[None]) ** 2).sum((2, 3, 4))
   assert (dist.argmin(1) == ds.test_y).mean() > 0.9
+  # the test set does not depend on the training set's size
+  more = datasets.load_dataset(_data_cfg(size=8, channels=3, classes=4, train=500, test=40))
+  np.testing.assert_array_equal(more.test_x, ds.test_x)
   # the defaults fill in missing fields
   assert synthetic.fields(ml_collections.ConfigDict(dict(name="synthetic")))["size"] == 32
 

@@ -51,11 +51,12 @@ def make_images(num: int, size: int, channels: int, prototypes: np.ndarray,
 def load(data_cfg) -> Dataset:
   """The synthetic dataset of ``data_cfg.synthetic`` (module docstring)."""
   f = fields(data_cfg)
-  rng = np.random.default_rng(SEED)
-  prototypes = rng.standard_normal((f["classes"], f["size"], f["size"], f["channels"]),
-                                   dtype=np.float32)
-  train_x, train_y = make_images(f["train"], f["size"], f["channels"], prototypes, rng)
-  test_x, test_y = make_images(f["test"], f["size"], f["channels"], prototypes, rng)
+  # one stream each: the test set does not change with the training set's size
+  protos, train_rng, test_rng = (np.random.default_rng([SEED, i]) for i in range(3))
+  prototypes = protos.standard_normal((f["classes"], f["size"], f["size"], f["channels"]),
+                                      dtype=np.float32)
+  train_x, train_y = make_images(f["train"], f["size"], f["channels"], prototypes, train_rng)
+  test_x, test_y = make_images(f["test"], f["size"], f["channels"], prototypes, test_rng)
   return Dataset(name="synthetic", train_x=train_x, train_y=train_y, test_x=test_x,
                  test_y=test_y, num_classes=f["classes"],
                  class_names=tuple(str(c) for c in range(f["classes"])))
