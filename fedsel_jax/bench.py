@@ -54,7 +54,7 @@ from fedsel_jax import device_data
 from fedsel_jax import flops as flops_lib
 from fedsel_jax import client as client_lib
 from fedsel_jax.timing import device_peak_mb
-from fedsel_jax.timing import matmul_peak, paired_ratio, peak_sizes, timed
+from fedsel_jax.timing import matmul_peak, paired_ratio, peak_method, peak_sizes, timed
 
 PyTree = Any
 MASK_KINDS = ("config", "top2", "random")
@@ -102,6 +102,8 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
   (only slot ids cross per round), else from host round data.
   """
   make_state, rd = given_masks_inputs(setup, rd, masks)
+  valid = np.asarray(rd["valid"])
+  rows_mb = sum(np.asarray(rd[f])[valid].nbytes for f in ("x", "y", "mask")) / 2 ** 20
   if setup.uses_store:
     if setup.store is None:
       setup.store = device_data.place(setup.clients)
@@ -127,6 +129,11 @@ def project_round(setup, rd: dict, masks: np.ndarray, key, repeats: int) -> dict
     # store), outputs and temporaries, less what the outputs reuse
     res["xla_total_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
+    # what holds the round's clients only (torch holds those): the store less
+    # the other clients' rows
+    store = sum(a.nbytes for a in jax.tree_util.tree_leaves(extra)) / 2 ** 20
+    res["store_mb"] = store
+    res["round_footprint_mb"] = res["xla_total_mb"] - store + (rows_mb if extra else 0.)
 
   def round_calls(n: int) -> list[Callable[[], Any]]:
     """n calls of the compiled round, each on a fresh state (the round donates it)."""
@@ -214,27 +221,36 @@ def bench_one(setup, kind: str, rd: dict, key, repeats: int, peer, threads,
   # The slower modes get fewer timed calls, but at least 3: a ratio against
   # one torch round moved 1.08x -> 1.38x between two runs minutes apart.
   slow = max(3, repeats // 2)
-  peers = {}
-  for t in threads if peer is not None else ():
-    try:
-      peers[f"torch_{t}"] = fn = peer.make_round(setup, rd, masks, threads=t)
-    except Exception as e:  # pylint: disable=broad-except  # the round's figures stand alone
-      row["torch_skipped"] = f"{type(e).__name__}: {e}"
-      print(f"bench: torch peer skipped: {row['torch_skipped']}", file=sys.stderr, flush=True)
-      break
-    getattr(peer, "reset_device_peak", lambda: None)()
-    res = timed(fn, slow)
-    res["device_peak_mb"] = getattr(peer, "device_peak_mb", lambda: None)()
-    done(f"torch_{t}", res)
-  if peers:                                 # the best thread count, alternated with the round
-    best = min(peers, key=lambda name: row["modes"][name]["median_s"])
-    row["paired"] = paired_ratio(round_calls(slow), peers[best], best)
+  if peer is not None:
+    _time_peer(setup, rd, masks, peer, threads, slow, round_calls, row, done)
     progress("paired")
-  if loop:                                  # last: the figure a time limit can spare
-    done("loop", per_client_loop(setup, rd, masks, key, slow))
   row["executed_flops"] = flops_lib.executed_round_flops(flops_lib.counting_parts(setup),
                                                          setup.params, rd, masks)
+  progress("flops")
+  if loop:                                  # last: the figure a time limit can spare
+    done("loop", per_client_loop(setup, rd, masks, key, slow))
   return row
+
+
+def _time_peer(setup, rd, masks, peer, threads, slow: int, round_calls, row: dict,
+               done: Callable[[str, dict], None]) -> None:
+  """The torch modes and the alternated pairs of one row (in place). A failure
+  of the peer (a package, a model it does not build, the GPU's memory) is
+  recorded in ``row['torch_skipped']`` and ends the peer's part, not the row."""
+  peers = {}
+  try:
+    for t in threads:
+      peers[f"torch_{t}"] = fn = peer.make_round(setup, rd, masks, threads=t)
+      getattr(peer, "reset_device_peak", lambda: None)()
+      res = timed(fn, slow)
+      res["device_peak_mb"] = getattr(peer, "device_peak_mb", lambda: None)()
+      done(f"torch_{t}", res)
+    best = min(peers, key=lambda name: row["modes"][name]["median_s"])
+    row["paired"] = paired_ratio(round_calls(slow), peers[best], best)
+  except Exception as e:  # pylint: disable=broad-except  # the round's figures stand alone
+    row["torch_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"bench: torch peer stopped: {row['torch_skipped']}", file=sys.stderr, flush=True)
+    getattr(peer, "release_memory", lambda: None)()
 
 
 def summarize(row: dict, peak: float) -> dict:
@@ -250,14 +266,16 @@ def summarize(row: dict, peak: float) -> dict:
     # by XLA's memory analysis against torch's peak allocated during its round;
     # on the CPU, the process's RSS high-water marks.
     peers = [v for k, v in modes.items() if k.startswith("torch_")]
-    device = modes["round"].get("xla_total_mb") and all(v.get("device_peak_mb") for v in peers)
+    device = (modes["round"].get("round_footprint_mb") and peers
+              and all(v.get("device_peak_mb") for v in peers))
     row["memory_measure"] = "device" if device else "rss"
-    ours, theirs = (("xla_total_mb", "device_peak_mb") if device
+    ours, theirs = (("round_footprint_mb", "device_peak_mb") if device
                     else ("peak_rss_mb", "peak_rss_mb"))
     row["memory_over_torch"] = modes["round"][ours] / min(v[theirs] for v in peers)
-  row["executed_over_needed"] = row["executed_flops"] / row["needed_flops"]
   row["mfu_needed"] = row["needed_flops"] / rt / peak
-  row["mfu_executed"] = row["executed_flops"] / rt / peak
+  if "executed_flops" in row:               # a run stopped before the count has none
+    row["executed_over_needed"] = row["executed_flops"] / row["needed_flops"]
+    row["mfu_executed"] = row["executed_flops"] / rt / peak
   return row
 
 
@@ -265,7 +283,10 @@ def format_mode(name: str, r: dict) -> str:
   """One mode's line of the printed report."""
   extra = (f"  compile {r['compile_s']:.1f} s, data: {r['round_data']}"
            if "compile_s" in r else "")
-  device = (f" (device {r['device_peak_mb']:.0f} MB)" if r.get("device_peak_mb") else "")
+  device = ""
+  if r.get("device_peak_mb"):               # an accelerator: the figure the ratio uses
+    device = (f" (device: round footprint {r['round_footprint_mb']:.0f} MB)"
+              if "round_footprint_mb" in r else f" (device {r['device_peak_mb']:.0f} MB)")
   return (f"  {name:<8} {r['median_s']:.3f} s/round [{r['min_s']:.3f}-{r['max_s']:.3f}]"
           f"  {r['samples_per_s']:.0f} samples/s  peak RSS {r['peak_rss_mb']:.0f} MB{device}"
           f"  first call {r['first_s']:.1f} s{extra}")
@@ -295,6 +316,18 @@ def format_row(row: dict) -> str:
   return "\n".join(lines)
 
 
+def _progress_line(row: dict, mode: str) -> str:
+  """What a finished step adds to the printed progress ('' for nothing)."""
+  if mode in row["modes"]:
+    return format_mode(mode, row["modes"][mode])
+  if mode == "paired" and "paired" in row:
+    pr = row["paired"]
+    return f"  round vs {pr['peer']}, alternated: {pr['median']:.2f}x over {len(pr['ratios'])}"
+  if mode == "flops":
+    return f"  FLOPs executed {row['executed_flops'] / 1e9:.1f} G"
+  return ""
+
+
 def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = True,
         save: Callable[[dict], None] = lambda report: None) -> dict:
   """The whole report as a dict (see the module docstring).
@@ -317,21 +350,30 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = 
       settings=dataclasses.asdict(setup.settings),
       torch=None if peer is None else peer.version(),
       command="python -m fedsel_jax.bench " + " ".join(sys.argv[1:]),
-      matmul_peak_dtype=dtype, complete=False, rows=[])
+      matmul_peak_dtype=dtype, matmul_peak_method=peak_method(),
+      matmul_peak_samples=[peak_before], matmul_peak_flops=peak_before,
+      complete=False, rows=[])
   print(f"{report['device']}, jax {report['jax']}, torch {report['torch']}; {dtype} matmul "
         f"peak {peak_before / 1e9:.0f} GFLOP/s", flush=True)
+
+  def save_partial() -> None:
+    """The report so far, its finished rows summarised against the first peak."""
+    rows = [summarize(dict(r), peak_before) for r in report["rows"] if "round" in
+            r.get("modes", {})]
+    save(dict(report, rows=rows, load_after=os.getloadavg()))
+
   for kind in mask_kinds:
     row: dict[str, Any] = {}
     report["rows"].append(row)
 
     def progress(mode: str, row=row) -> None:
-      save(report)                  # first: a kill right after the line keeps the mode
-      if mode in row["modes"]:
-        print(f"masks={row['masks']}:" + format_mode(mode, row["modes"][mode]), flush=True)
+      save_partial()                # first: a kill right after the line keeps the mode
+      line = _progress_line(row, mode)
+      if line:
+        print(f"masks={row['masks']}:{line}", flush=True)
 
     bench_one(setup, kind, rd, key, repeats, peer, threads, loop, row, progress)
   rows = report["rows"]
-  # Measured before and after the modes: the MFUs use the higher (a peak).
   report["matmul_peak_samples"] = [peak_before, matmul_peak(peak_sizes(), dtype=dtype)]
   report["matmul_peak_flops"] = max(report["matmul_peak_samples"])
   report["rows"] = [summarize(row, report["matmul_peak_flops"]) for row in rows]

@@ -60,6 +60,13 @@ def peak_sizes() -> tuple[int, ...]:
   return (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
 
 
+def peak_method() -> str:
+  """How :func:`matmul_peak` measures on this backend, for the report."""
+  chain = 1 if jax.default_backend() == "cpu" else 8
+  return (f"best of 5 calls of {chain} dependent product{'s' if chain > 1 else ''} "
+          f"at sides {' and '.join(map(str, peak_sizes()))}, before and after the modes")
+
+
 def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5,
                 dtype: str = "float32", chain: int | None = None) -> float:
   """Measured matmul FLOP/s of the default device in ``dtype`` (the model's

@@ -1,5 +1,6 @@
 """The bench command's report on a seconds-long config."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,9 +60,17 @@ def test_a_killed_bench_keeps_the_modes_it_finished(tmp_path):
     proc.kill()
   report = json.loads(out.read_text())
   assert report["complete"] is False
-  assert "round" in report["rows"][0]["modes"]
-  assert report["rows"][0]["modes"]["round"]["samples_per_s"] > 0
-  assert report["rows"][0]["needed_flops"] > 0
+  row = report["rows"][0]
+  assert "round" in row["modes"] and row["modes"]["round"]["samples_per_s"] > 0
+  assert row["needed_flops"] > 0 and row["mfu_needed"] > 0      # summarised as it stands
+  assert report["matmul_peak_flops"] > 0
+  # the README generator shows it as stopped, with what it has
+  spec = importlib.util.spec_from_file_location(
+      "make_readme", os.path.join(ROOT, "experiments/bench/make_readme.py"))
+  make_readme = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_readme)
+  text = "\n".join(make_readme.bench_table("killed.json", report))
+  assert "Stopped before the end" in text and "| top2 (2.0 blocks) | round |" in text
 
 
 def test_bench_times_host_round_data_when_the_run_would(tmp_path):

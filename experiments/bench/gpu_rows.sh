@@ -17,7 +17,7 @@
 #       --implementation cp -d .whl ml-collections==1.1.0
 # and call the device tool with carry=[".whl"] and the command
 #   experiments/bench/gpu_rows.sh tiny b32 tiny2000
-# (at most 560 s; give it timeout_s=600). A row that runs out of its limit keeps
+# (at most 520 s and the set-up; give it timeout_s=600). A row that runs out of its limit keeps
 # the modes it finished (ROW.json says "complete": false); rerun that row alone
 # with a longer limit (ROW_LIMIT_S below) if device time is left, or with
 # --masks config for the masks the selection picks.
@@ -41,10 +41,10 @@ if [[ -z "${GPU_ROWS_PRINT:-}" ]]; then
   } > "$OUT_DIR/device.txt"
 fi
 
-# Limits sum to 560 s: all three rows fit one device call (timeout_s=600). Consensus
+# Limits sum to 520 s: all three rows fit one device call (timeout_s=600). Consensus
 # top-2 masks (every client trains the top 2 blocks: lambda > 0's case) and only
 # the cut levels they use (0 is always added), so each round compiles 2 variants.
-declare -A ROW_LIMIT_S=([tiny]=200 [b32]=240 [tiny2000]=120)
+declare -A ROW_LIMIT_S=([tiny]=180 [b32]=230 [tiny2000]=110)
 declare -A ROW_ARGS=(
   # 200 clients x 10 x 32; one torch round takes ~14 s (BENCH.md: 4,694 samples/s).
   [tiny]="--config configs/bench_vit.py:tiny --masks top2 --repeats 3 --torch_threads 1
@@ -59,13 +59,19 @@ declare -A ROW_ARGS=(
 )
 # JAX may take all but what the row's torch peer needs (none in the memory row).
 declare -A ROW_MEM_FRACTION=([tiny]=0.75 [b32]=0.75 [tiny2000]=0.95)
-rows=$(echo ${@:-tiny b32 tiny2000})
+set -f                                   # row names are words, never file patterns
+rows="${*:-tiny b32 tiny2000}"
 for r in $rows; do                       # every name checked before any row runs
   if [[ -z "${ROW_ARGS[$r]+x}" ]]; then
     echo "error: unknown row '$r'; rows: ${!ROW_ARGS[*]}" >&2; exit 2
   fi
 done
+if [[ -z "${GPU_ROWS_PRINT:-}${GPU_ROWS_SMOKE:-}" ]]; then   # a GPU on both sides, or stop
+  $PY -c "import jax, sys, torch; sys.exit(0 if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 1)" \
+      || { echo "error: jax or torch sees no GPU (device.txt says what they see)" >&2; exit 3; }
+fi
 status=0
+summary=""
 for r in $rows; do
   args=${ROW_ARGS[$r]}
   limit=${ROW_LIMIT_S[$r]}
@@ -80,10 +86,13 @@ for r in $rows; do
   echo "== $r: python -m fedsel_jax.bench $args (limit ${limit} s)"
   # shellcheck disable=SC2086
   XLA_PYTHON_CLIENT_MEM_FRACTION=${ROW_MEM_FRACTION[$r]} \
-      timeout "$limit" $PY -m fedsel_jax.bench $args --json "$OUT_DIR/$r.json" 2>&1 \
+      timeout -k 10 "$limit" $PY -m fedsel_jax.bench $args --json "$OUT_DIR/$r.json" 2>&1 \
       | tee "$OUT_DIR/$r.log"
   rc=${PIPESTATUS[0]}
   echo "== $r: exit $rc"
-  [[ $rc -ne 0 ]] && status=$rc
+  summary="$summary $r=$rc"
+  [[ $rc -ne 0 ]] && status=4             # not 124: the device tool reads that as its own limit
 done
+[[ -n "${GPU_ROWS_PRINT:-}" ]] && exit 0
+echo "== rows (exit codes; 124 = stopped at its limit, its JSON keeps what it finished):$summary"
 exit $status

@@ -24,6 +24,9 @@ def _load(r) -> str:
 
 def _peak_method(rep: dict) -> str:
   """How the report's matmul peak was taken (the bench changed it on 2026-12-02)."""
+  if "matmul_peak_method" in rep:
+    return (rep["matmul_peak_method"] + ": "
+            + " / ".join(f"{x / 1e9:.0f}" for x in rep["matmul_peak_samples"]))
   if "matmul_peak_samples" in rep:
     return ("best of 5 products at 1024 and 2048, before and after the modes: "
             + " / ".join(f"{x / 1e9:.0f}" for x in rep["matmul_peak_samples"]))
@@ -33,11 +36,13 @@ def _peak_method(rep: dict) -> str:
 def bench_table(name: str, rep: dict) -> list[str]:
   s = rep["settings"]
   out = [f"### `{name}`", ""]
+  if rep.get("complete") is False:
+    out += ["**Stopped before the end** (a time limit): the modes it finished.", ""]
   if rep.get("command"):
     out += [f"`{rep['command']}`", ""]
   out += [f"{rep['device']} ({rep['cpus']} cores), {rep['platform']}, jax {rep['jax']}, torch "
          f"{rep['torch']}; {rep['date']}; load average {_load(rep['load'])} before, "
-         f"{_load(rep['load_after'])} after; "
+         f"{_load(rep.get('load_after') or [])} after; "
          f"{rep.get('matmul_peak_dtype', 'float32')} matmul peak measured in the run "
          f"{rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s ({_peak_method(rep)}); "
          f"chunk {s['client_chunk']}, "
@@ -49,7 +54,9 @@ def bench_table(name: str, rep: dict) -> list[str]:
     for mode, r in row["modes"].items():
       first = f"{r['first_s']:.1f}" + (f" (compile {r['compile_s']:.1f})" if "compile_s" in r
                                         else "")
-      device = (f" (device {r['device_peak_mb']:.0f})" if r.get("device_peak_mb") else "")
+      device = ""
+      if r.get("device_peak_mb"):          # an accelerator: the figure the memory ratio uses
+        device = f" (device {r.get('round_footprint_mb', r['device_peak_mb']):.0f})"
       out.append(f"| {row['masks']} ({row['mean_blocks']:.1f} blocks) | {mode} | "
                  f"{r['median_s']:.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}] | "
                  f"{r['samples_per_s']:.0f} | {r['peak_rss_mb']:.0f}{device} | {first} |")
@@ -64,11 +71,14 @@ def bench_table(name: str, rep: dict) -> list[str]:
     paired = (f"{pr['median']:.2f}x [{pr['min']:.2f}-{pr['max']:.2f}], "
               f"{len(pr['ratios'])} pairs" if pr else "-")
     counted = math.isfinite(row["needed_flops"])   # no analytic count with convolutions
-    need = (f"{row['needed_flops'] / 1e9:.1f} | {row['executed_over_needed']:.2f}x | "
+    ratio = f"{row['executed_over_needed']:.2f}x" if "executed_over_needed" in row else "-"
+    need = (f"{row['needed_flops'] / 1e9:.1f} | {ratio} | "
             f"{100 * row['mfu_needed']:.0f}%" if counted else "- | - | -")
     loop = f"{row['speedup_over_loop']:.2f}x" if "speedup_over_loop" in row else "-"
+    executed = f"{row['executed_flops'] / 1e9:.1f}" if "executed_flops" in row else "-"
+    memory = torch[1] + (" (device)" if row.get("memory_measure") == "device" else "")
     out.append(f"| {row['masks']} | {loop} | {torch[0]} | {paired} | "
-               f"{torch[1]} | {row['executed_flops'] / 1e9:.1f} | {need} |")
+               f"{memory} | {executed} | {need} |")
   return out + [""]
 
 

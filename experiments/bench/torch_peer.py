@@ -28,7 +28,15 @@ from fedsel_jax import weights
 
 
 def version() -> str:
-  return f"{torch.__version__}, transformers {transformers.__version__}"
+  """torch's and transformers' versions and the device the peer runs on."""
+  dev = (f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu")
+  return f"{torch.__version__}, transformers {transformers.__version__}, {dev}"
+
+
+def release_memory() -> None:
+  """Returns torch's cached device memory (after a failure, e.g. out of memory)."""
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
 
 
 class Classifier(torch.nn.Module):
