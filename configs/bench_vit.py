@@ -65,6 +65,7 @@ def get_config(arg: str = ""):
     c.fl.clients_per_round = 200 if arg == "tiny" else 2000
     c.fl.client_chunk = 50 if arg == "tiny" else 250
   elif arg == "smoke":
+    default.smoke_run(c)
     c.model.variant = "tiny"
     c.model.dtype = "float32"
     c.data.synthetic.train = 400
@@ -73,14 +74,9 @@ def get_config(arg: str = ""):
     c.data.alpha = 0.5
     c.data.min_client_size = 8
     c.data.max_examples = 32
-    c.fl.num_rounds = 2
     c.fl.clients_per_round = 4
-    c.fl.client_chunk = 2
     c.fl.local_steps = 2
-    c.fl.batch_size = 4
-    c.selection.sel_batches = 1
-    c.eval_every = 1
-    c.checkpoint_every = 1
+    c.fl.backprop_cut = True     # the GPU rows' mechanism, exercised at smoke size
   else:
     raise ValueError(f"configs/bench_vit.py takes '', 'b32', 'tiny', 'tiny2000' or 'smoke', "
                      f"got {arg!r}")

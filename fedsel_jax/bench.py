@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -53,6 +52,7 @@ from fedsel_jax import aggregate
 from fedsel_jax import device_data
 from fedsel_jax import flops as flops_lib
 from fedsel_jax import client as client_lib
+from fedsel_jax import workdir as workdir_lib
 from fedsel_jax.bench_report import format_row, progress_line, summarize
 from fedsel_jax.timing import device_peak_mb
 from fedsel_jax.timing import matmul_peak, paired_ratio, peak_method, peak_sizes, timed
@@ -259,7 +259,8 @@ def run(config, mask_kinds, repeats: int, peer_path: str, threads, loop: bool = 
   """The whole report as a dict (see the module docstring).
 
   ``save(report)`` is called after every mode with the report so far
-  (``complete`` False, rows not yet summarised) and once at the end.
+  (``complete`` False, its rows summarised as they stand against the first
+  matmul peak) and once at the end.
   """
   from fedsel_jax import main as main_lib   # heavy: datasets, models
 
@@ -378,14 +379,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save(path: str, report: dict) -> None:
-  """Writes the report to ``path`` (if any), replacing it whole (a kill mid-write
-  leaves the previous version)."""
-  if not path:
-    return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, default=float)
-  os.replace(tmp, path)
+  """Writes the report to ``path`` (if any), replacing it whole."""
+  if path:
+    workdir_lib.write_json(path, report, strict=False)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ same per-client held-out rows next to the global test set.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -178,8 +177,7 @@ def train_and_evaluate(setup, workdir: str, quiet: bool = False) -> dict[str, An
            "client_test_accuracy": spread(test_acc)}
   if setup.holdout is not None:
     final["client_holdout_accuracy"] = spread(held_acc)
-  with open(os.path.join(workdir, "final.json"), "w") as f:   # strict JSON: NaN as null
-    json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
+  workdir_lib.write_final(workdir, final)
   with open(os.path.join(workdir, "clients.csv"), "w") as f:
     f.write("client,num_examples,train_loss,test_accuracy,holdout_accuracy\n")
     for i in range(n):

@@ -13,7 +13,6 @@ a seeded 10% of those rows, then the probe is refitted on all of them.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -107,6 +106,5 @@ def train_and_evaluate(setup, workdir: str, quiet: bool = False) -> dict[str, An
   if not quiet:
     print(f"probe: test accuracy {final['test_accuracy']:.4f} (C={best}, "
           f"{len(y_train)} rows, {final['seconds']} s)", flush=True)
-  with open(os.path.join(workdir, "final.json"), "w") as f:   # strict JSON: NaN as null
-    json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
+  workdir_lib.write_final(workdir, final)
   return final

@@ -283,12 +283,7 @@ def read_final(workdir: str) -> dict[str, Any] | None:
     return None
 
 
-def write_final(workdir: str, final: dict[str, Any]) -> None:
-  """final.json of a finished run (atomically)."""
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(workdir_lib.json_safe(final), f, indent=2, allow_nan=False)
-  write_atomic(os.path.join(workdir, "final.json"), write)
+write_final = workdir_lib.write_final
 
 
 def _record_selection(run: RunRecord, setup, config, rd: dict, metrics: dict) -> None:

@@ -42,6 +42,11 @@ _TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "dense": lambda w: w.T,                           # Linear [out, in] -> [in, out]
     "conv": lambda w: np.transpose(w, (2, 3, 1, 0)),  # OIHW -> HWIO
 }
+_INVERSE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "copy": lambda w: w,
+    "dense": lambda w: w.T,
+    "conv": lambda w: np.transpose(w, (3, 2, 0, 1)),  # HWIO -> OIHW
+}
 
 
 def minilm_dir() -> pathlib.Path:
@@ -249,6 +254,15 @@ def load_params(params: PyTree, tensors: Mapping[str, np.ndarray], key_map: KeyM
                        f"{path!r} has shape {tuple(leaf.shape)}")
     flat[path] = jnp.asarray(value.astype(np.float32), dtype=leaf.dtype)
   return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def export_tensors(params: PyTree, key_map: KeyMap) -> dict[str, np.ndarray]:
+  """The inverse of :func:`load_params`: ``{hf key: float32 array}`` of the
+  mapped leaves of ``params`` in the checkpoint's layout (e.g. for a torch
+  model built from the same config)."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return {hf: np.array(_INVERSE[transform](np.asarray(flat[path])), np.float32)
+          for path, (hf, transform) in key_map.items()}
 
 
 def bert_key_map(num_layers: int, prefix: str = "") -> KeyMap:

@@ -214,6 +214,24 @@ def json_safe(obj: Any) -> Any:
   return obj
 
 
+def write_json(path: str, obj: Any, strict: bool = True) -> None:
+  """Writes ``obj`` as JSON to ``path`` atomically (a kill mid-write leaves the
+  previous file). ``strict``: non-finite floats as null (:func:`json_safe`);
+  else NaN as JavaScript's ``NaN`` and numpy scalars as floats."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    if strict:
+      json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+    else:
+      json.dump(obj, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
+def write_final(workdir: str, final: dict[str, Any]) -> None:
+  """``final.json`` of a finished run (strict JSON, atomically)."""
+  write_json(os.path.join(workdir, "final.json"), final)
+
+
 def check_fingerprint(workdir: str, config: ml_collections.ConfigDict) -> bool:
   """Whether ``workdir`` holds this run already (False: a new run).
 

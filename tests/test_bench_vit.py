@@ -116,6 +116,22 @@ def test_vit_b32_full_backprop_is_benchs_26_4_gflop_per_sample():
   np.testing.assert_allclose(need(range(12)), 3 * forward - skipped, rtol=1e-3)
 
 
+def test_exported_tensors_load_back_to_the_same_params():
+  """weights.export_tensors (the torch peer's weights) inverts weights.load_params."""
+  from fedsel_jax import weights
+  spec, params, _ = _clip()
+  key_map = weights.clip_vision_key_map(spec.module.cfg.num_layers, False, "")
+  tensors = weights.export_tensors(params, key_map)
+  assert tensors["embeddings.patch_embedding.weight"].shape == (64, 3, 8, 8)   # OIHW
+  zeros = jax.tree_util.tree_map(np.zeros_like, params)
+  back = weights.load_params(zeros, tensors, key_map)
+  for path, _ in key_map.items():
+    node_a, node_b = params, back
+    for part in path.split("/"):
+      node_a, node_b = node_a[part], node_b[part]
+    np.testing.assert_array_equal(np.asarray(node_b), np.asarray(node_a))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None
                     or importlib.util.find_spec("transformers") is None,
                     reason="the torch peer needs torch and transformers")

@@ -35,10 +35,11 @@ if [[ -z "${GPU_ROWS_PRINT:-}" ]] && compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-if [[ -z "${GPU_ROWS_PRINT:-}" ]]; then
+if [[ -z "${GPU_ROWS_PRINT:-}" ]]; then   # what the device is; exit 3 below without a GPU
   { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    $PY -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())" 2>&1
+    $PY -c "import jax, sys, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available()); sys.exit(0 if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 3)" 2>&1
   } > "$OUT_DIR/device.txt"
+  gpu=$?
 fi
 
 # Limits sum to 520 s: all three rows fit one device call (timeout_s=600). Consensus
@@ -66,9 +67,8 @@ for r in $rows; do                       # every name checked before any row run
     echo "error: unknown row '$r'; rows: ${!ROW_ARGS[*]}" >&2; exit 2
   fi
 done
-if [[ -z "${GPU_ROWS_PRINT:-}${GPU_ROWS_SMOKE:-}" ]]; then   # a GPU on both sides, or stop
-  $PY -c "import jax, sys, torch; sys.exit(0 if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 1)" \
-      || { echo "error: jax or torch sees no GPU (device.txt says what they see)" >&2; exit 3; }
+if [[ -z "${GPU_ROWS_PRINT:-}${GPU_ROWS_SMOKE:-}" && ${gpu:-0} -ne 0 ]]; then   # a GPU on both sides
+  echo "error: jax or torch sees no GPU (device.txt says what they see)" >&2; exit 3
 fi
 status=0
 summary=""

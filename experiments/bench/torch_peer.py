@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 
-import jax
 import numpy as np
 import torch
 import transformers
 
-from fedsel_jax import masks as masks_lib
 from fedsel_jax import weights
 
 
@@ -123,14 +121,8 @@ def build_vision_model(setup):
   encoder = transformers.CLIPVisionModel(hf)
   keys = encoder.state_dict()
   prefix = "vision_model." if "vision_model.pre_layrnorm.weight" in keys else ""
-  flat = {masks_lib.path_str(path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(setup.params)}
-  state = {}
-  inverse = {"copy": lambda w: w, "dense": lambda w: w.T,
-             "conv": lambda w: np.transpose(w, (3, 2, 0, 1))}     # HWIO -> OIHW
-  for path, (key, transform) in weights.clip_vision_key_map(cfg.num_layers, False,
-                                                            prefix).items():
-    state[key] = torch.from_numpy(np.array(inverse[transform](flat[path]), np.float32))
+  state = {k: torch.from_numpy(v) for k, v in weights.export_tensors(
+      setup.params, weights.clip_vision_key_map(cfg.num_layers, False, prefix)).items()}
   missing, unexpected = encoder.load_state_dict(state, strict=False)
   if unexpected or [k for k in missing if "position_ids" not in k]:
     raise ValueError(f"CLIP key map mismatch: missing {missing}, unexpected {unexpected}")
